@@ -1,0 +1,250 @@
+"""What every DPO-family script needs, and nothing algorithm-specific.
+
+1. `sequence_logps`: summed log pi(y|x) of each row's response from one forward pass, with the LM head
+   run only on the positions that score a response token, in chunks, never holding [B, T, V] logits.
+2. `encode_prompt` / `encode_response` / `truncate` / `collate`: (prompt, response) -> padded batch.
+3. `load_model` / `load_tokenizer` / `load_rows`: hub id or local path, with clear errors on bad data.
+"""
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------- log-probs
+class _ChunkedLogProb(torch.autograd.Function):
+    """log_softmax(hidden @ weight.T + bias)[label] row by row, `chunk_size` rows of logits at a time.
+    Backward recomputes each chunk's logits instead of storing them: memory is O(chunk_size * V)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size):  # hidden (N, H), labels (N,)
+        lse = hidden.new_empty(hidden.shape[0], dtype=torch.float32)  # (N,)
+        out = torch.empty_like(lse)  # (N,)
+        for s in range(0, hidden.shape[0], chunk_size):
+            logits = F.linear(hidden[s:s + chunk_size], weight, bias).float()  # (n, V), fp32 inside a chunk
+            lse[s:s + chunk_size] = logits.logsumexp(-1)
+            out[s:s + chunk_size] = logits.gather(-1, labels[s:s + chunk_size, None]).squeeze(-1) - lse[s:s + chunk_size]
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # d log p(label) / d logits = onehot(label) - softmax(logits)
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        for s in range(0, hidden.shape[0], ctx.chunk_size):
+            h = hidden[s:s + ctx.chunk_size]  # (n, H)
+            g = F.linear(h, weight, bias).float().sub_(lse[s:s + ctx.chunk_size, None]).exp_().neg_()  # (n, V)
+            g.scatter_add_(-1, labels[s:s + ctx.chunk_size, None], torch.ones_like(g[:, :1]))
+            g = g.mul_(grad_out[s:s + ctx.chunk_size, None]).to(hidden.dtype)  # (n, V)
+            if need_h:
+                grad_h[s:s + ctx.chunk_size] = g @ weight
+            if need_w:
+                grad_w += (g.t() @ h).float()
+            if need_b:
+                grad_b += g.float().sum(0)
+        cast = lambda grad, like: None if grad is None else grad.to(like.dtype)
+        return grad_h, cast(grad_w, weight), cast(grad_b, bias), None, None
+
+
+def token_logps(hidden, weight, bias, labels, chunk_size=None):
+    """log p(label_i | hidden_i) for each of N rows: (N, H) -> (N,) in fp32, without (N, V) logits."""
+    chunk_size = chunk_size or max(256, 2**24 // weight.shape[0])  # ~64 MB of fp32 logits per chunk
+    return _ChunkedLogProb.apply(hidden, weight, bias, labels, chunk_size)
+
+
+def sequence_logps(model, batch, chunk_size=None):
+    """Summed log-prob of each row's response tokens, and their count: (B,) fp32, (B,) long.
+
+    `batch` comes from `collate`. The one-token shift happens once, in `collate`'s `score_index`: the
+    token at position t is scored by the hidden state at t - 1, so the first response token is scored
+    at the last prompt position. All indices are built on the host: no boolean masks, no syncs here."""
+    B = batch["input_ids"].shape[0]
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        # Models that transform the logits after the LM head (Gemma-2, Cohere): plain, unfused path.
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = logits.flatten(0, 1).index_select(0, batch["score_index"]).float()  # (N, V)
+        per_token = logits.log_softmax(-1).gather(-1, batch["labels"][:, None]).squeeze(-1)  # (N,)
+    else:
+        out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        hidden = out[0].flatten(0, 1).index_select(0, batch["score_index"])  # (N, H): only positions that score
+        head = model.get_output_embeddings()
+        per_token = token_logps(hidden, head.weight, head.bias, batch["labels"], chunk_size)  # (N,)
+    logps = per_token.new_zeros(B).index_add(0, batch["row_of_token"], per_token)  # (B,)
+    return logps, batch["n_tokens"]
+
+
+# ---------------------------------------------------------------- tokenising and batching
+def is_chat(value):
+    return isinstance(value, list)
+
+
+def encode_prompt(tokenizer, prompt):
+    """Token ids of a plain-text prompt, or of chat messages rendered with the tokenizer's template."""
+    if is_chat(prompt):
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]  # the tokenizer adds BOS if its model expects one
+
+
+def encode_response(tokenizer, prompt, response):
+    """Token ids of a response, ending with EOS. A chat response ([{"role": "assistant", ...}]) is the
+    text that the chat template adds after the prompt; its end-of-turn token serves as EOS if it is one."""
+    if is_chat(response):
+        head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+        if not full.startswith(head):
+            raise ValueError("the chat template does not render the prompt as a prefix of prompt + response")
+        ids = tokenizer(full[len(head):].rstrip(), add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    return ids if ids and ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
+
+
+def truncate(prompt_ids, responses, max_length, max_prompt_length=None):
+    """Fit prompt + each response into max_length: cut the prompt first, keeping its end (but not below
+    max_prompt_length, default max_length // 2), then the responses. Returns (prompt, responses, cut?)."""
+    longest = max(len(r) for r in responses)
+    if len(prompt_ids) + longest <= max_length:
+        return prompt_ids, responses, False
+    keep = max(max_length - longest, min(len(prompt_ids), max_prompt_length or max_length // 2))
+    prompt_ids = prompt_ids[len(prompt_ids) - keep:]
+    return prompt_ids, [r[:max_length - len(prompt_ids)] for r in responses], True
+
+
+def collate(rows, pad_token_id):
+    """rows: [(prompt_ids, response_ids)] -> right-padded batch plus the host-built indices that
+    `sequence_logps` needs: score_index (N,) into the flattened (B*T) positions, labels (N,),
+    row_of_token (N,), n_tokens (B,), with N the number of response tokens in the batch."""
+    B, T = len(rows), max(len(p) + len(r) for p, r in rows)
+    input_ids = torch.full((B, T), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, T, dtype=torch.long)
+    response_mask = torch.zeros(B, T, dtype=torch.long)
+    score_index, labels, row_of_token = [], [], []
+    for i, (p, r) in enumerate(rows):
+        assert len(p) >= 1, "a row needs at least one prompt token to score its first response token"
+        input_ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+        attention_mask[i, :len(p) + len(r)] = 1
+        response_mask[i, len(p):len(p) + len(r)] = 1
+        score_index += range(i * T + len(p) - 1, i * T + len(p) + len(r) - 1)
+        labels += r
+        row_of_token += [i] * len(r)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
+                score_index=torch.tensor(score_index), labels=torch.tensor(labels),
+                row_of_token=torch.tensor(row_of_token), n_tokens=response_mask.sum(-1))
+
+
+# ---------------------------------------------------------------- loading
+def resolve_dtype(dtype, device):
+    if dtype == "auto":
+        return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_model(name, dtype="auto", device=None, trust_remote_code=False):
+    """A causal LM from a hub id or a local save_pretrained directory, dropout off (DPO needs pi = pi_ref at init)."""
+    from transformers import AutoModelForCausalLM
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=resolve_dtype(dtype, device),
+                                                     trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise SystemExit(f"error: could not load model '{name}': {e}")
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model.to(device)
+
+
+def load_tokenizer(name, trust_remote_code=False):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_rows(source, fields, split="train"):
+    """Rows of a hub dataset or a local json/jsonl/parquet file, as dicts. Each field in `fields` must be a
+    string or a list of chat messages ({"role", "content"} dicts): anything else stops with file, row, field."""
+    import datasets
+    kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(os.path.splitext(source)[1])
+    try:
+        data = datasets.load_dataset(kind, data_files=source, split="train") if kind else \
+            datasets.load_dataset(source, split=split)
+    except Exception as e:
+        if kind == "json":  # usually a type clash between rows: find it ourselves and name it
+            with open(source) as f:
+                rows = [json.loads(line) for line in f if line.strip()] if source.endswith("l") else json.load(f)
+            return check_rows(source, rows, fields)
+        raise SystemExit(f"error: could not load dataset '{source}': {e}")
+    return check_rows(source, data.to_list(), fields)
+
+
+def check_rows(source, rows, fields):
+    if rows and "prompt" in fields and "prompt" not in rows[0] and {"chosen", "rejected"} <= set(rows[0]):
+        rows = [split_implicit_prompt(source, i, row) for i, row in enumerate(rows)]
+    for i, row in enumerate(rows):
+        for field in fields:
+            if field not in row:
+                raise SystemExit(f"error: {source}: row {i}: missing field '{field}' (found: {sorted(row)})")
+            value = row[field]
+            chat_ok = isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                     and isinstance(m.get("role"), str) for m in value)
+            if not (isinstance(value, str) or chat_ok):
+                raise SystemExit(f"error: {source}: row {i}: field '{field}' must be a string or a list of "
+                                 f"{{'role', 'content'}} messages, got {type(value).__name__}: {str(value)[:80]!r}")
+    return rows
+
+
+def split_implicit_prompt(source, i, row):
+    """TRL's implicit-prompt format: chosen and rejected are whole conversations (or texts) that share
+    the prompt. For chats the prompt is every message before the last; for text, the common prefix up
+    to its last "\\n\\nAssistant:" (Anthropic HH)."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    if is_chat(chosen) and is_chat(rejected) and len(chosen) > 1 and chosen[:-1] == rejected[:-1]:
+        return {**row, "prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        common = os.path.commonprefix([chosen, rejected])
+        cut = common.rfind("\n\nAssistant:") + len("\n\nAssistant:")
+        if cut >= len("\n\nAssistant:"):
+            return {**row, "prompt": chosen[:cut], "chosen": chosen[cut:], "rejected": rejected[cut:]}
+    raise SystemExit(f"error: {source}: row {i}: no 'prompt' field, and chosen/rejected share no prompt to split off")
+
+
+def report_dropped(dropped, total):
+    """Print how many rows were dropped and why, with the first few row numbers; stop if none are left."""
+    for reason, rows in dropped.items():
+        if rows:
+            print(f"dropped {len(rows)} of {total} rows ({reason}): rows {', '.join(map(str, rows[:5]))}"
+                  f"{' ...' if len(rows) > 5 else ''}")
+    if sum(map(len, dropped.values())) == total:
+        raise SystemExit("error: no usable rows left in the dataset")
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompts, max_new_tokens, temperature=1.0, batch_size=64):
+    """One sampled response per prompt (token id lists in, out), batched with the KV cache, left-padded.
+    Pure sampling (no top-k / top-p) so that sample log-probs estimate KL without bias. A response
+    ends with EOS when the model finished within max_new_tokens."""
+    was_training, eos, device = model.training, tokenizer.eos_token_id, next(model.parameters()).device
+    model.eval()
+    responses = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s:s + batch_size]
+        L = max(map(len, chunk))
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (L - len(p)) + p for p in chunk], device=device)
+        attention_mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in chunk], device=device)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+                             temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+        responses += [row[:row.index(eos) + 1] if eos in row else row for row in out[:, L:].tolist()]
+    model.train(was_training)
+    return responses
