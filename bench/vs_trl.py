@@ -1,0 +1,220 @@
+"""dpo.py against TRL's DPOTrainer, head to head: same weights, same token ids, same optimizer steps.
+
+    python bench/vs_trl.py --model 20M        # about 4 minutes on 2 CPU cores
+    python bench/vs_trl.py --model 20M-128k   # about 9 minutes
+
+Four contenders, each in its own process (so that its peak RSS is its own), run in turn, `--rounds` times
+with the order rotated each round:
+    trl              DPOTrainer with a reference model (a second copy of the weights)
+    trl-precompute   DPOTrainer(precompute_ref_log_probs=True)
+    ours             dpo.py's default: reference log-probs precomputed with the initial policy
+    ours-ref-model   dpo.py --ref_model: a frozen reference model
+"Ours" runs dpo.py's own per-step work, imported from dpo.py (pair_logps, dpo_loss, dpo_metrics,
+reference_logps): one forward of 2B rows, the loss, backward, clip, the one host sync, AdamW step.
+
+Made equal on purpose: fp32, batch 8 pairs, no gradient accumulation, constant learning rate, max_grad_norm 10,
+no gradient checkpointing (TRL's default is on; dpo.py's is off), the same token ids (TRL's tokenisation is
+skipped, so BOS/EOS handling cannot differ; each response already ends with EOS), the same order (TRL's
+random sampler is replaced by a sequential one). Left as each one's default: the optimizer implementation
+(TRL: the fused AdamW, dpo.py: torch.optim.AdamW) and TRL's extra metrics (entropy, token accuracy, mean
+logits). Reference log-probs are precomputed for the pairs that are trained on only, before the clock starts.
+The first `--warmup` steps of each process are not timed. Step time = time between the ends of consecutive
+optimizer steps, so it includes collation and logging.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from synthetic import EOS, PAD, VOCAB, build_model, load_model, make_pairs, median, n_params, peak_rss_mib, rss_mib
+
+CONTENDERS = ["trl", "trl-precompute", "ours", "ours-ref-model"]
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="20M", choices=list(VOCAB), help="which synthetic model")
+    parser.add_argument("--pairs", type=int, default=1000, help="synthetic preference pairs in the data set")
+    parser.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each process")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per process")
+    parser.add_argument("--rounds", type=int, default=2, help="processes per contender, order rotated each round")
+    parser.add_argument("--max-length", type=int, default=256, help="max prompt + response tokens (none are longer)")
+    parser.add_argument("--learning-rate", type=float, default=1e-4, help="large enough that the loss moves")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated subset")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def run_ours(args, path, pairs, with_ref_model):
+    import torch
+    from dpo import dpo_loss, dpo_metrics, pair_logps, reference_logps
+    policy = load_model(path)
+    if with_ref_model:
+        reference = load_model(path).eval().requires_grad_(False)
+        ref = lambda chunk, idx: pair_logps(reference, chunk, PAD, "cpu")
+    else:
+        cache = reference_logps(policy, pairs, args, PAD, "cpu")  # (N, 2), as dpo.py does before training
+        ref = lambda chunk, idx: cache[idx].unbind(-1)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    policy.train()
+    losses, ends, first_logps = [], [time.perf_counter()], None
+    for step in range(args.warmup + args.steps):  # dpo.py's training loop with grad_accum = 1
+        idx = list(range(step * args.batch_size, (step + 1) * args.batch_size))
+        chunk = [pairs[i] for i in idx]
+        policy_chosen_logps, policy_rejected_logps = pair_logps(policy, chunk, PAD, "cpu")
+        reference_chosen_logps, reference_rejected_logps = ref(chunk, idx)
+        loss, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen_logps, policy_rejected_logps,
+                                                          reference_chosen_logps, reference_rejected_logps, 0.1)
+        loss.mean().backward()
+        metrics = dpo_metrics(loss.detach(), chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
+        row = dict(zip([*metrics, "grad_norm"], torch.stack([*metrics.values(), grad_norm.float()]).tolist()))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(row["loss"])
+        first_logps = first_logps or row["logps/chosen"]
+        ends.append(time.perf_counter())
+    return losses, ends, first_logps
+
+
+def run_trl(args, path, pairs, precompute):
+    import torch
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    class Trainer(DPOTrainer):
+        """DPOTrainer with our token ids as they are, in order, and the exact loss of each step kept."""
+        losses = []
+
+        def _prepare_dataset(self, dataset, *unused, **kwargs):
+            return dataset  # already prompt_ids / chosen_ids / rejected_ids
+
+        def _get_train_sampler(self, *unused, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            loss = super()._compute_loss(model, inputs, return_outputs)
+            self.losses.append(loss.detach())
+            return loss
+
+    class Clock(TrainerCallback):
+        ends, logs = [], []
+
+        def on_train_begin(self, *unused, **kwargs):
+            self.ends.append(time.perf_counter())
+
+        def on_step_end(self, *unused, **kwargs):
+            self.ends.append(time.perf_counter())
+
+        def on_log(self, _args, _state, _control, logs=None, **kwargs):
+            self.logs.append(dict(logs or {}))
+
+    data = Dataset.from_dict({"prompt_ids": [p for p, _, _ in pairs], "chosen_ids": [c for _, c, _ in pairs],
+                              "rejected_ids": [r for _, _, r in pairs]})
+    policy = load_model(path)
+    reference = None if precompute else load_model(path)
+    config = DPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=args.batch_size,
+                       gradient_accumulation_steps=1, max_steps=args.warmup + args.steps, learning_rate=args.learning_rate,
+                       lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=10.0, beta=0.1,
+                       bf16=False, fp16=False, gradient_checkpointing=False, max_length=args.max_length,
+                       precompute_ref_log_probs=precompute, precompute_ref_batch_size=2 * args.batch_size,
+                       logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
+                       dataloader_num_workers=0, seed=0)
+    clock = Clock()
+    trainer = Trainer(model=policy, ref_model=reference, args=config, train_dataset=data,
+                      processing_class=AutoTokenizer.from_pretrained(path), callbacks=[clock])
+    trainer.train()
+    first_logps = next(log["logps/chosen"] for log in clock.logs if "logps/chosen" in log)
+    return torch.stack(Trainer.losses).tolist(), clock.ends, first_logps
+
+
+def child(args):
+    """One contender in this process: print one JSON line with its step times, losses and peak RSS."""
+    import torch
+    rss_imports = rss_mib()
+    path = build_model(args.model)
+    n_pairs = (args.warmup + args.steps) * args.batch_size
+    pairs = make_pairs(VOCAB[args.model], args.pairs)[:n_pairs]  # only the pairs that are trained on
+    run = {"trl": lambda: run_trl(args, path, pairs, precompute=False),
+           "trl-precompute": lambda: run_trl(args, path, pairs, precompute=True),
+           "ours": lambda: run_ours(args, path, pairs, with_ref_model=False),
+           "ours-ref-model": lambda: run_ours(args, path, pairs, with_ref_model=True)}[args.child]
+    losses, ends, first_logps = run()
+    times = [b - a for a, b in zip(ends, ends[1:])][args.warmup:]
+    print(json.dumps(dict(contender=args.child, losses=losses, times=times, first_logps_chosen=first_logps,
+                          peak_rss_mib=peak_rss_mib(), rss_after_imports_mib=rss_imports,
+                          threads=torch.get_num_threads())))
+
+
+def main():
+    args = parse_args()
+    if args.child:
+        return child(args)
+    import torch
+    path = build_model(args.model)
+    pairs = make_pairs(VOCAB[args.model], args.pairs)
+    tokens = [len(p) + len(r) for p, c, rj in pairs for r in (c, rj)]
+    print(f"model {args.model}: {n_params(load_model(path)) / 1e6:.1f}M parameters, vocab {VOCAB[args.model]}; "
+          f"{len(pairs)} pairs, {sum(tokens) / len(tokens):.0f} tokens per sequence on average, "
+          f"prompt:response {sum(len(p) for p, _, _ in pairs) / sum(len(c) for _, c, _ in pairs):.2f}; "
+          f"batch {args.batch_size} pairs, {args.warmup} warm-up + {args.steps} timed steps x {args.rounds} rounds; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    contenders = args.contenders.split(",")
+    results = {c: [] for c in contenders}
+    for r in range(args.rounds):
+        order = contenders[r % len(contenders):] + contenders[:r % len(contenders)]
+        for name in order:
+            start = time.time()
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name,
+                                  *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                                    if k not in ("child", "contenders")]],
+                                 capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+            if out.returncode:
+                sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
+            results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"round {r + 1} {name:15s} median step {median(results[name][-1]['times']):.3f} s "
+                  f"({time.time() - start:.0f} s in all)", flush=True)
+
+    # parity first: the same loss at every step, and the same policy log-probs on the first batch
+    first = {c: results[c][0] for c in contenders}
+    base = contenders[0]
+    print(f"\nParity with {base} (round 1): loss at steps 1-3, |difference| over all "
+          f"{args.warmup + args.steps} steps, mean logps/chosen of the first batch")
+    print("| contender | loss step 1 | loss step 2 | loss step 3 | max abs diff | logps/chosen step 1 |")
+    print("|---|---|---|---|---|---|")
+    ok = True
+    for c in contenders:
+        diff = max(abs(a - b) for a, b in zip(first[c]["losses"], first[base]["losses"]))
+        ok &= max(abs(a - b) for a, b in zip(first[c]["losses"][:3], first[base]["losses"][:3])) < 1e-4
+        print(f"| {c} | " + " | ".join(f"{x:.6f}" for x in first[c]["losses"][:3]) +
+              f" | {diff:.1e} | {first[c]['first_logps_chosen']:.4f} |")
+    print("parity: " + ("OK, losses agree within 1e-4 over the first 3 steps" if ok else "FAILED (differ by > 1e-4)"))
+
+    print(f"\n| contender | median step (s) | pairs/s | peak RSS (MiB) | pairs/s vs trl | peak RSS vs trl |")
+    print("|---|---|---|---|---|---|")
+    summary = {}
+    for c in contenders:
+        step = median([t for run in results[c] for t in run["times"]])
+        rss = max(run["peak_rss_mib"] for run in results[c])
+        summary[c] = (step, args.batch_size / step, rss)
+    ref = summary.get("trl", next(iter(summary.values())))
+    for c, (step, rate, rss) in summary.items():
+        print(f"| {c} | {step:.3f} | {rate:.2f} | {rss:.0f} | {rate / ref[1]:.2f}x | {rss / ref[2]:.2f}x |")
+    if "trl-precompute" in summary and "ours" in summary:
+        step, rate, rss = summary["ours"]
+        print(f"\nours (precomputed reference) vs trl-precompute: {rate / summary['trl-precompute'][1]:.2f}x pairs/s, "
+              f"{rss / summary['trl-precompute'][2]:.2f}x peak RSS")
+    print(f"RSS right after imports (MiB): " + ", ".join(
+        f"{c} {results[c][0]['rss_after_imports_mib']:.0f}" for c in contenders))
+    if not ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
