@@ -211,7 +211,9 @@ def main(argv=None):
         if changed:
             print(f"warning: resuming with settings that differ from the original run: {changed}")
     elif os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
-        sys.exit(f"error: --output_dir {args.output_dir} already holds files (another run?); pass --resume to "
+        sys.exit(f"error: --output_dir {args.output_dir} already holds files and no checkpoint-* to resume from "
+                 f"(another run?); choose another --output_dir" if args.resume else
+                 f"error: --output_dir {args.output_dir} already holds files (another run?); pass --resume to "
                  f"continue it, or choose another --output_dir")
     os.makedirs(args.output_dir, exist_ok=True)
     if not checkpoints:
@@ -292,7 +294,13 @@ def main(argv=None):
         before = toy.evaluate(toy_reference, toy_reference, tokenizer, toy_prompts, seed=args.seed)
 
     # ---------------------------------------------------------------- the training loop
-    metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a")
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    if start_step:  # forget what the interrupted run logged after its last checkpoint
+        with open(metrics_path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= start_step]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+    metrics_file = open(metrics_path, "a")
     log = lambda row: metrics_file.write(json.dumps(row) + "\n") or metrics_file.flush()
     if start_step == 0:
         log({"step": 0, **evaluate(policy, held_out, ref_eval, args, tokenizer.pad_token_id, device)})

@@ -98,3 +98,15 @@ def naive_tail(model, prompt, response):
     ids = torch.tensor([prompt + response])
     lp = model(input_ids=ids).logits[0].log_softmax(-1)
     return sum(lp[len(prompt) + j - 1, response[j]] for j in range(1, len(response)))
+
+
+def test_models_that_transform_logits_after_the_head_take_the_plain_path():
+    """Gemma-2 soft-caps its logits after the LM head: the fused path would be wrong, the fallback must match."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=8, final_logit_softcapping=0.5, pad_token_id=1)
+    model = Gemma2ForCausalLM(config)
+    batch = collate(random_rows(random.Random(2), 4, 300), pad_token_id=1)
+    expected, _ = naive_sequence_logps(model, batch)
+    torch.testing.assert_close(sequence_logps(model, batch)[0], expected, atol=1e-4, rtol=1e-4)
