@@ -141,7 +141,7 @@ def pretrain(model, docs, eos, pad, steps, batch_size, lr, seed):
 def make_pairs(model, tokenizer, prompts, rng, max_new_tokens, length_bias=0.0):
     """Two SFT samples per prompt, ordered by the annotator. Pairs with an unfinished or identical sample are skipped."""
     ids = [tokenizer(p)["input_ids"] for p in prompts]
-    samples = sample_responses(model, tokenizer, ids + ids, max_new_tokens)
+    samples = sample_responses(model, tokenizer, ids + ids, max_new_tokens, batch_size=256)
     pairs, eos = [], tokenizer.eos_token_id
     for prompt, a, b in zip(prompts, samples[:len(prompts)], samples[len(prompts):]):
         if a[-1:] != [eos] or b[-1:] != [eos] or a == b:
@@ -160,13 +160,13 @@ def write_jsonl(path, rows):
             f.write(json.dumps(row) + "\n")
 
 
-def build(directory=DEFAULT_DIR, seed=0, n_train_prompts=2000, n_test_prompts=256, steps=250):
+def build(directory=DEFAULT_DIR, seed=0, n_train_prompts=2000, n_test_prompts=256, steps=220):
     """Build the whole toy into a temporary directory, then move it into place (never half-built)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     start = time.time()
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    corpus = [review(rng) for _ in range(30000)]
+    corpus = [review(rng) for _ in range(15000)]
     tokenizer = build_tokenizer(corpus, vocab_size=512)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
