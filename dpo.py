@@ -201,12 +201,13 @@ def stop(message, directory):
 
 def main(argv=None):
     args = parse_args(argv)
+    given = dataclasses.asdict(args)  # as the user gave them, before the toy fills in its paths
     # TRY NOT TO MODIFY: output directory, seeding
     checkpoints = list_checkpoints(args.output_dir)
     if args.resume and checkpoints:
         with open(os.path.join(args.output_dir, "args.json")) as f:
             saved = json.load(f)
-        changed = {k: (saved[k], v) for k, v in dataclasses.asdict(args).items()
+        changed = {k: (saved[k], v) for k, v in given.items()
                    if k in saved and saved[k] != v and k not in ("resume", "max_steps", "output_dir")}
         if changed:
             print(f"warning: resuming with settings that differ from the original run: {changed}")
@@ -215,10 +216,6 @@ def main(argv=None):
                  f"(another run?); choose another --output_dir" if args.resume else
                  f"error: --output_dir {args.output_dir} already holds files (another run?); pass --resume to "
                  f"continue it, or choose another --output_dir")
-    os.makedirs(args.output_dir, exist_ok=True)
-    if not checkpoints:
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=1)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
 
@@ -248,6 +245,10 @@ def main(argv=None):
         held_out, train = [train[i] for i in order[:n_eval]], [train[i] for i in order[n_eval:]]
     held_out = held_out[:args.max_eval_pairs]
     print(f"{len(train)} training pairs, {len(held_out)} held-out pairs")
+    os.makedirs(args.output_dir, exist_ok=True)  # only now: a run that fails on its inputs leaves nothing behind
+    if not checkpoints:
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(given, f, indent=1)
 
     # the reference: precomputed log-probs (saved with the run, so a resumed run reuses them) or a frozen model
     if args.ref_model:

@@ -128,6 +128,7 @@ def test_missing_column_exits_nonzero_naming_file_and_field(toy_dir, tmp_path):
     result = run_cli(toy_dir, data, str(tmp_path / "out"))
     assert result.returncode != 0
     assert "bad.jsonl" in result.stderr and "missing field 'rejected'" in result.stderr
+    assert not os.path.exists(tmp_path / "out")  # nothing left behind: the corrected rerun can use the same directory
 
 
 def test_wrong_type_stops_naming_row_and_field(toy_dir, tmp_path):
