@@ -80,13 +80,9 @@ def sequence_logps(model, batch, chunk_size=None):
 
 
 # ---------------------------------------------------------------- tokenising and batching
-def is_chat(value):
-    return isinstance(value, list)
-
-
 def encode_prompt(tokenizer, prompt):
     """Token ids of a plain-text prompt, or of chat messages rendered with the tokenizer's template."""
-    if is_chat(prompt):
+    if isinstance(prompt, list):  # chat messages
         text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer(prompt)["input_ids"]  # the tokenizer adds BOS if its model expects one
@@ -95,7 +91,7 @@ def encode_prompt(tokenizer, prompt):
 def encode_response(tokenizer, prompt, response):
     """Token ids of a response, ending with EOS. A chat response ([{"role": "assistant", ...}]) is the
     text that the chat template adds after the prompt; its end-of-turn token serves as EOS if it is one."""
-    if is_chat(response):
+    if isinstance(response, list):
         head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
         full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
         if not full.startswith(head):
@@ -140,18 +136,14 @@ def collate(rows, pad_token_id):
 
 
 # ---------------------------------------------------------------- loading
-def resolve_dtype(dtype, device):
-    if dtype == "auto":
-        return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
 def load_model(name, dtype="auto", device=None, trust_remote_code=False):
     """A causal LM from a hub id or a local save_pretrained directory, dropout off (DPO needs pi = pi_ref at init)."""
     from transformers import AutoModelForCausalLM
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=resolve_dtype(dtype, device),
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype),
                                                      trust_remote_code=trust_remote_code)
     except OSError as e:
         raise SystemExit(f"error: could not load model '{name}': {e}")
@@ -209,7 +201,7 @@ def split_implicit_prompt(source, i, row):
     the prompt. For chats the prompt is every message before the last; for text, the common prefix up
     to its last "\\n\\nAssistant:" (Anthropic HH)."""
     chosen, rejected = row["chosen"], row["rejected"]
-    if is_chat(chosen) and is_chat(rejected) and len(chosen) > 1 and chosen[:-1] == rejected[:-1]:
+    if isinstance(chosen, list) and isinstance(rejected, list) and len(chosen) > 1 and chosen[:-1] == rejected[:-1]:
         return {**row, "prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
     if isinstance(chosen, str) and isinstance(rejected, str):
         common = os.path.commonprefix([chosen, rejected])

@@ -54,7 +54,7 @@ class Args:
     grad_accum: int = field(default=8, metadata={"help": "micro-batches per optimizer step"})
     learning_rate: float = field(default=1e-6, metadata={"help": "peak learning rate (paper: 1e-6)"})
     warmup_steps: int = field(default=150, metadata={"help": "linear warm-up steps, then constant (paper: 150)"})
-    optimizer: str = field(default="adamw", metadata={"help": "adamw or rmsprop (the paper's)"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw or rmsprop (the paper's)", "choices": ["adamw", "rmsprop"]})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=10.0, metadata={"help": "gradient clipping norm (reference code: 10)"})
     beta: float = field(default=0.1, metadata={"help": "KL strength beta (paper: 0.1; 0.5 for TL;DR)"})
@@ -66,7 +66,8 @@ class Args:
     save_every: int = field(default=500, metadata={"help": "write a checkpoint every N steps"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --output_dir from its last checkpoint"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16"})
+    dtype: str = field(default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU",
+                                                 "choices": ["auto", "float32", "bfloat16", "float16"]})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
 
 
@@ -76,13 +77,16 @@ TOY_DEFAULTS = dict(learning_rate=1e-4, batch_size=16, grad_accum=1, warmup_step
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Args):
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         if f.type is bool:
             parser.add_argument(*flags, action="store_true", help=f.metadata["help"])
-        else:
-            parser.add_argument(*flags, type=f.type, default=f.default, help=f.metadata["help"])
+            continue
+        default = "" if f.default is None else f" (default: {f.default}" + (
+            f"; toy: {TOY_DEFAULTS[f.name]})" if f.name in TOY_DEFAULTS else ")")
+        parser.add_argument(*flags, type=f.type, default=f.default, help=f.metadata["help"] + default,
+                            choices=f.metadata.get("choices"))
     given = parser.parse_args(argv)
     args = Args(**vars(given))
     if args.model is None:  # the toy: its own defaults for whatever the user did not set
