@@ -108,6 +108,21 @@ def test_resumed_run_ends_with_the_same_weights(toy_dir, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_precomputed_reference_trains_like_a_frozen_reference_model(toy_dir, tmp_path):
+    data = small_dataset(toy_dir, tmp_path)
+    sft = os.path.join(toy_dir, "sft")
+    common = ["--model", sft, "--dataset", data, "--batch_size", "4", "--grad_accum", "2", "--learning_rate", "1e-3",
+              "--warmup_steps", "2", "--eval_every", "3", "--max_steps", "6"]
+    dpo.main(common + ["--output_dir", str(tmp_path / "pre")])
+    dpo.main(common + ["--output_dir", str(tmp_path / "ref"), "--ref_model", sft])
+    pre, ref = read_metrics(str(tmp_path / "pre")), read_metrics(str(tmp_path / "ref"))
+    for a, b in zip(pre, ref):
+        for k in ("loss", "rewards/margins", "eval_loss"):
+            if k in a:
+                assert a[k] == pytest.approx(b[k], abs=1e-4), (a["step"], k)
+    assert not os.path.exists(tmp_path / "ref" / "reference_logps.pt")
+
+
 # ---------------------------------------------------------------- bad input
 def write_rows(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
