@@ -15,19 +15,22 @@ import torch.nn.functional as F
 # ---------------------------------------------------------------- log-probs
 class _ChunkedLogProb(torch.autograd.Function):
     """log_softmax(hidden @ weight.T + bias)[label] row by row, `chunk_size` rows of logits at a time.
-    Backward recomputes each chunk's logits instead of storing them: memory is O(chunk_size * V)."""
+    Backward recomputes each chunk's logits instead of storing them: memory is O(chunk_size * V), one
+    buffer reused by every chunk (plus an fp32 one for bf16/fp16 weights), and the fp32 weight gradient."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk_size):  # hidden (N, H), labels (N,)
-        lse = hidden.new_empty(hidden.shape[0], dtype=torch.float32)  # (N,)
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
         out = torch.empty_like(lse)  # (N,)
+        buffers = _chunk_buffers(hidden, weight, chunk_size)
         for s in range(0, hidden.shape[0], chunk_size):
-            logits = F.linear(hidden[s:s + chunk_size], weight, bias).float()  # (n, V), fp32 inside a chunk
-            lse[s:s + chunk_size] = logits.logsumexp(-1)
-            out[s:s + chunk_size] = logits.gather(-1, labels[s:s + chunk_size, None]).squeeze(-1) - lse[s:s + chunk_size]
+            logits = _chunk_logits(hidden[s:s + chunk_size], weight, bias, buffers)  # (n, V) fp32
+            out[s:s + chunk_size] = logits.gather(-1, labels[s:s + chunk_size, None]).squeeze(-1)
+            top = logits.amax(-1, keepdim=True)  # (n, 1): logsumexp in place, no second (n, V) tensor
+            lse[s:s + chunk_size] = logits.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.chunk_size = chunk_size
-        return out
+        return out.sub_(lse)
 
     @staticmethod
     def backward(ctx, grad_out):  # d log p(label) / d logits = onehot(label) - softmax(logits)
@@ -36,19 +39,33 @@ class _ChunkedLogProb(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        buffers = _chunk_buffers(hidden, weight, ctx.chunk_size)
         for s in range(0, hidden.shape[0], ctx.chunk_size):
-            h = hidden[s:s + ctx.chunk_size]  # (n, H)
-            g = F.linear(h, weight, bias).float().sub_(lse[s:s + ctx.chunk_size, None]).exp_().neg_()  # (n, V)
-            g.scatter_add_(-1, labels[s:s + ctx.chunk_size, None], torch.ones_like(g[:, :1]))
-            g = g.mul_(grad_out[s:s + ctx.chunk_size, None]).to(hidden.dtype)  # (n, V)
-            if need_h:
-                grad_h[s:s + ctx.chunk_size] = g @ weight
-            if need_w:
-                grad_w += (g.t() @ h).float()
+            h, g_out = hidden[s:s + ctx.chunk_size], grad_out[s:s + ctx.chunk_size, None]  # (n, H), (n, 1)
+            g = _chunk_logits(h, weight, bias, buffers).sub_(lse[s:s + ctx.chunk_size, None]).exp_().mul_(-g_out)
+            g.scatter_add_(-1, labels[s:s + ctx.chunk_size, None], g_out)  # (n, V) fp32: g_out * (onehot - p)
             if need_b:
-                grad_b += g.float().sum(0)
+                grad_b += g.sum(0)
+            g = g if g.dtype == weight.dtype else buffers[0][:len(h)].copy_(g)  # (n, V) in the weight's dtype
+            if need_w:  # summed in fp32; for fp32 weights in place, without a (V, H) temporary
+                grad_w.addmm_(g.t(), h) if g.dtype == torch.float32 else grad_w.add_(g.t() @ h)
+            if need_h:
+                torch.mm(g, weight, out=grad_h[s:s + ctx.chunk_size])
         cast = lambda grad, like: None if grad is None else grad.to(like.dtype)
         return grad_h, cast(grad_w, weight), cast(grad_b, bias), None, None
+
+
+def _chunk_buffers(hidden, weight, chunk_size):
+    """(chunk, V) buffers for the head's output: in the weight's dtype, and in fp32 (the same one for fp32)."""
+    low = hidden.new_empty(min(chunk_size, hidden.shape[0]), weight.shape[0], dtype=weight.dtype)
+    return low, low if weight.dtype == torch.float32 else torch.empty_like(low, dtype=torch.float32)
+
+
+def _chunk_logits(h, weight, bias, buffers):
+    """fp32 logits (n, V) of the rows h (n, H), written into the buffers."""
+    low = buffers[0][:len(h)]
+    torch.mm(h, weight.t(), out=low) if bias is None else torch.addmm(bias, h, weight.t(), out=low)
+    return low if buffers[1] is buffers[0] else buffers[1][:len(h)].copy_(low)
 
 
 def token_logps(hidden, weight, bias, labels, chunk_size=None):

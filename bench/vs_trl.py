@@ -1,16 +1,18 @@
 """dpo.py against TRL's DPOTrainer, head to head: same weights, same token ids, same optimizer steps.
 
-    python bench/vs_trl.py --model 20M        # about 4 minutes on 2 CPU cores
-    python bench/vs_trl.py --model 20M-128k   # about 9 minutes
+    python bench/vs_trl.py --model 20M                                          # about 5 minutes on 2 CPU cores
+    python bench/vs_trl.py --model 20M-128k --rounds 1 --warmup 1 --steps 5    # about 9 minutes (TRL: 30 s a step)
 
-Four contenders, each in its own process (so that its peak RSS is its own), run in turn, `--rounds` times
-with the order rotated each round:
+Five contenders, each in its own process (so that its peak RSS is its own), run in turn, `--rounds` times
+with the order rotated each round; a process waits for the shared machine to be quiet and is run again
+(at most 3 times) if other processes took more than 15% of the CPUs meanwhile:
     trl              DPOTrainer with a reference model (a second copy of the weights)
     trl-precompute   DPOTrainer(precompute_ref_log_probs=True)
     ours             dpo.py's default: reference log-probs precomputed with the initial policy
     ours-ref-model   dpo.py --ref_model: a frozen reference model
-"Ours" runs dpo.py's own per-step work, imported from dpo.py (pair_logps, dpo_loss, dpo_metrics,
-reference_logps): one forward of 2B rows, the loss, backward, clip, the one host sync, AdamW step.
+    ours-fused-adamw not dpo.py as it is: its default with torch.optim.AdamW(fused=True), as TRL's optimizer
+"Ours" runs dpo.py's own per-step work (synthetic.dpo_step, made of dpo.py's pair_logps, dpo_loss, dpo_metrics
+and reference_logps): one forward of 2B rows, the loss, backward, clip, the one host sync, AdamW step.
 
 Made equal on purpose: fp32, batch 8 pairs, no gradient accumulation, constant learning rate, max_grad_norm 10,
 no gradient checkpointing (TRL's default is on; dpo.py's is off), the same token ids (TRL's tokenisation is
@@ -29,9 +31,10 @@ import sys
 import tempfile
 import time
 
-from synthetic import EOS, PAD, VOCAB, build_model, load_model, make_pairs, median, n_params, peak_rss_mib, rss_mib
+from synthetic import (VOCAB, build_model, dpo_step, frozen_reference, load_model, make_pairs, median, n_params,
+                       peak_rss_mib, precomputed_reference, quietly, rss_mib)
 
-CONTENDERS = ["trl", "trl-precompute", "ours", "ours-ref-model"]
+CONTENDERS = ["trl", "trl-precompute", "ours", "ours-ref-model", "ours-fused-adamw"]
 
 
 def parse_args():
@@ -49,32 +52,15 @@ def parse_args():
     return parser.parse_args()
 
 
-def run_ours(args, path, pairs, with_ref_model):
+def run_ours(args, path, pairs, with_ref_model, fused=None):
     import torch
-    from dpo import dpo_loss, dpo_metrics, pair_logps, reference_logps
     policy = load_model(path)
-    if with_ref_model:
-        reference = load_model(path).eval().requires_grad_(False)
-        ref = lambda chunk, idx: pair_logps(reference, chunk, PAD, "cpu")
-    else:
-        cache = reference_logps(policy, pairs, args, PAD, "cpu")  # (N, 2), as dpo.py does before training
-        ref = lambda chunk, idx: cache[idx].unbind(-1)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    ref = frozen_reference(load_model(path)) if with_ref_model else precomputed_reference(policy, pairs, args.batch_size)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=fused)
     policy.train()
     losses, ends, first_logps = [], [time.perf_counter()], None
-    for step in range(args.warmup + args.steps):  # dpo.py's training loop with grad_accum = 1
-        idx = list(range(step * args.batch_size, (step + 1) * args.batch_size))
-        chunk = [pairs[i] for i in idx]
-        policy_chosen_logps, policy_rejected_logps = pair_logps(policy, chunk, PAD, "cpu")
-        reference_chosen_logps, reference_rejected_logps = ref(chunk, idx)
-        loss, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen_logps, policy_rejected_logps,
-                                                          reference_chosen_logps, reference_rejected_logps, 0.1)
-        loss.mean().backward()
-        metrics = dpo_metrics(loss.detach(), chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
-        row = dict(zip([*metrics, "grad_norm"], torch.stack([*metrics.values(), grad_norm.float()]).tolist()))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    for step in range(args.warmup + args.steps):
+        row = dpo_step(policy, optimizer, pairs[step * args.batch_size:(step + 1) * args.batch_size], ref)
         losses.append(row["loss"])
         first_logps = first_logps or row["logps/chosen"]
         ends.append(time.perf_counter())
@@ -137,6 +123,10 @@ def run_trl(args, path, pairs, precompute):
 def child(args):
     """One contender in this process: print one JSON line with its step times, losses and peak RSS."""
     import torch
+    if args.child.startswith("trl"):
+        import trl  # noqa: F401  (what each contender imports counts towards its memory)
+    else:
+        import dpo  # noqa: F401
     rss_imports = rss_mib()
     path = build_model(args.model)
     n_pairs = (args.warmup + args.steps) * args.batch_size
@@ -144,7 +134,8 @@ def child(args):
     run = {"trl": lambda: run_trl(args, path, pairs, precompute=False),
            "trl-precompute": lambda: run_trl(args, path, pairs, precompute=True),
            "ours": lambda: run_ours(args, path, pairs, with_ref_model=False),
-           "ours-ref-model": lambda: run_ours(args, path, pairs, with_ref_model=True)}[args.child]
+           "ours-ref-model": lambda: run_ours(args, path, pairs, with_ref_model=True),
+           "ours-fused-adamw": lambda: run_ours(args, path, pairs, with_ref_model=False, fused=True)}[args.child]
     losses, ends, first_logps = run()
     times = [b - a for a, b in zip(ends, ends[1:])][args.warmup:]
     print(json.dumps(dict(contender=args.child, losses=losses, times=times, first_logps_chosen=first_logps,
@@ -170,16 +161,15 @@ def main():
     for r in range(args.rounds):
         order = contenders[r % len(contenders):] + contenders[:r % len(contenders)]
         for name in order:
-            start = time.time()
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name,
-                                  *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                                    if k not in ("child", "contenders")]],
-                                 capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+            command = [sys.executable, os.path.abspath(__file__), "--child", name,
+                       *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "contenders")]]
+            out, others = quietly(lambda: subprocess.run(command, capture_output=True, text=True,
+                                                         env={**os.environ, "TQDM_DISABLE": "1"}))
             if out.returncode:
                 sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
-            results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"round {r + 1} {name:15s} median step {median(results[name][-1]['times']):.3f} s "
-                  f"({time.time() - start:.0f} s in all)", flush=True)
+            results[name].append({**json.loads(out.stdout.strip().splitlines()[-1]), "others": others})
+            print(f"round {r + 1} {name:15s} median step {median(results[name][-1]['times']):.3f} s, "
+                  f"other processes used {others:.0%} of the CPUs meanwhile", flush=True)
 
     # parity first: the same loss at every step, and the same policy log-probs on the first batch
     first = {c: results[c][0] for c in contenders}
@@ -196,18 +186,18 @@ def main():
               f" | {diff:.1e} | {first[c]['first_logps_chosen']:.4f} |")
     print("parity: " + ("OK, losses agree within 1e-4 over the first 3 steps" if ok else "FAILED (differ by > 1e-4)"))
 
-    print(f"\n| contender | median step (s) | pairs/s | peak RSS (MiB) | pairs/s vs trl | peak RSS vs trl |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n| contender | median step (s) | pairs/s | peak RSS (MiB) | pairs/s vs trl | peak RSS vs trl | others' CPU |")
+    print("|---|---|---|---|---|---|---|")
     summary = {}
     for c in contenders:
         step = median([t for run in results[c] for t in run["times"]])
         rss = max(run["peak_rss_mib"] for run in results[c])
-        summary[c] = (step, args.batch_size / step, rss)
+        summary[c] = (step, args.batch_size / step, rss, max(run["others"] for run in results[c]))
     ref = summary.get("trl", next(iter(summary.values())))
-    for c, (step, rate, rss) in summary.items():
-        print(f"| {c} | {step:.3f} | {rate:.2f} | {rss:.0f} | {rate / ref[1]:.2f}x | {rss / ref[2]:.2f}x |")
+    for c, (step, rate, rss, others) in summary.items():
+        print(f"| {c} | {step:.3f} | {rate:.2f} | {rss:.0f} | {rate / ref[1]:.2f}x | {rss / ref[2]:.2f}x | {others:.0%} |")
     if "trl-precompute" in summary and "ours" in summary:
-        step, rate, rss = summary["ours"]
+        step, rate, rss, _ = summary["ours"]
         print(f"\nours (precomputed reference) vs trl-precompute: {rate / summary['trl-precompute'][1]:.2f}x pairs/s, "
               f"{rss / summary['trl-precompute'][2]:.2f}x peak RSS")
     print(f"RSS right after imports (MiB): " + ", ".join(

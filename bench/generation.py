@@ -1,0 +1,103 @@
+"""Sampling throughput (common.sample_responses) and how dpo.py's step time scales with tokens.
+
+    python bench/generation.py                  # both parts, about 5 minutes on 2 CPU cores
+    python bench/generation.py --part sampling  # or --part scaling
+
+1. sampling: samples/s of common.sample_responses batched (one left-padded batch, KV cache) against one prompt
+   at a time (batch_size=1, KV cache too), on the toy model (toy.ensure_built(): built once, ~2 minutes) and on
+   the 20M model (synthetic prompts, random weights, so nearly every sample runs to --max-new-tokens).
+2. scaling: median time of dpo.py's step (precomputed reference, synthetic.dpo_step) on the 20M model for
+   batch sizes x sequence lengths, every sequence exactly that long (prompt and response half each).
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from synthetic import (VOCAB, build_model, dpo_step, load_model, make_pairs, median, n_params, precomputed_reference,
+                       quietly)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", default="both", choices=["both", "sampling", "scaling"], help="what to run")
+    parser.add_argument("--prompts", type=int, default=64, help="prompts to sample for")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="sampled tokens at most per prompt")
+    parser.add_argument("--batches", type=int, nargs="+", default=[2, 4, 8, 16], help="scaling: pairs per step")
+    parser.add_argument("--seqs", type=int, nargs="+", default=[64, 128, 256, 512], help="scaling: tokens per sequence")
+    parser.add_argument("--steps", type=int, default=3, help="scaling: timed steps per point, after one warm-up")
+    return parser.parse_args()
+
+
+def sampling(args):
+    from transformers import AutoTokenizer
+    import toy
+    from common import sample_responses
+    toy_dir = toy.ensure_built()
+    toy_tokenizer = AutoTokenizer.from_pretrained(os.path.join(toy_dir, "sft"))
+    with open(os.path.join(toy_dir, "test_prompts.jsonl")) as f:
+        toy_prompts = [toy_tokenizer(json.loads(line)["prompt"])["input_ids"] for line in f][:args.prompts]
+    path = build_model("20M")
+    synthetic_prompts = [p for p, _, _ in make_pairs(VOCAB["20M"], args.prompts, seed=1)]
+    setups = [("toy", os.path.join(toy_dir, "sft"), toy_tokenizer, toy_prompts),
+              ("20M", path, AutoTokenizer.from_pretrained(path), synthetic_prompts)]
+    print(f"\n{args.prompts} prompts, at most {args.max_new_tokens} new tokens each, pure sampling, fp32\n")
+    print("| model | prompt tokens (mean) | mode | seconds | samples/s | new tokens/s | time vs batched | others' CPU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, model_path, tokenizer, prompts in setups:
+        model = load_model(model_path).eval()
+        name = f"{name} ({n_params(model) / 1e6:.1f}M, vocab {model.config.vocab_size})"
+        sample_responses(model, tokenizer, prompts[:4], 8)  # warm-up
+        results = []
+        for mode, batch_size in (("batched, KV cache", len(prompts)), ("one at a time, KV cache", 1)):
+            def run():
+                torch.manual_seed(0)
+                start = time.perf_counter()
+                responses = sample_responses(model, tokenizer, prompts, args.max_new_tokens, batch_size=batch_size)
+                return responses, time.perf_counter() - start
+            (responses, seconds), others = quietly(run)
+            results.append(seconds)
+            print(f"| {name} | {sum(map(len, prompts)) / len(prompts):.0f} | {mode} | {seconds:.1f} | "
+                  f"{len(prompts) / seconds:.1f} | {sum(map(len, responses)) / seconds:.0f} | "
+                  f"{seconds / results[0]:.1f}x | {others:.0%} |",
+                  flush=True)
+
+
+def scaling(args):
+    path = build_model("20M")
+    print(f"\ndpo.py's step (precomputed reference) on the 20M model; median of {args.steps} steps after one warm-up\n")
+    print("| pairs | tokens per sequence | tokens per step | median step (s) | ms per 1k tokens | others' CPU |")
+    print("|---|---|---|---|---|---|")
+    points = [(b, 128) for b in args.batches] + [(8, t) for t in args.seqs if t != 128]
+    for batch, seq in points:
+        half = seq // 2
+        pairs = make_pairs(VOCAB["20M"], batch * (args.steps + 1), prompt_len=(half, half), response_len=(half, half))
+
+        def run():
+            policy = load_model(path).train()
+            ref = precomputed_reference(policy, pairs, batch)
+            optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4, weight_decay=0.0)
+            times = []
+            for i in range(args.steps + 1):
+                start = time.perf_counter()
+                dpo_step(policy, optimizer, pairs[i * batch:(i + 1) * batch], ref)
+                times.append(time.perf_counter() - start)
+            return median(times[1:])
+        step, others = quietly(run)
+        tokens = 2 * batch * seq
+        print(f"| {batch} | {seq} | {tokens} | {step:.2f} | {1e6 * step / tokens:.0f} | {others:.0%} |", flush=True)
+
+
+def main():
+    args = parse_args()
+    torch.manual_seed(0)
+    if args.part in ("both", "sampling"):
+        sampling(args)
+    if args.part in ("both", "scaling"):
+        scaling(args)
+
+
+if __name__ == "__main__":
+    main()
