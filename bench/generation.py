@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from synthetic import (VOCAB, build_model, dpo_step, load_model, make_pairs, median, n_params, precomputed_reference,
-                       quietly)
+from synthetic import (VOCAB, build_model, dpo_optimizer, dpo_step, load_model, make_pairs, median, n_params,
+                       precomputed_reference, quietly)
 
 
 def parse_args():
@@ -78,7 +78,7 @@ def scaling(args):
         def run():
             policy = load_model(path).train()
             ref = precomputed_reference(policy, pairs, batch)
-            optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4, weight_decay=0.0)
+            optimizer = dpo_optimizer(policy)
             times = []
             for i in range(args.steps + 1):
                 start = time.perf_counter()

@@ -9,16 +9,17 @@ The backbone is every parameter but the (tied) embedding, which is a lookup; the
 on the positions it is applied to (the response tokens, see common.sequence_logps). Padding is not counted, nor
 attention scores (2 x 2 x T x H per token and layer, about 5% here). The peak is what a large fp32 torch.matmul
 reaches in this same run (best of a few square sizes, measured before and after the steps).
-Three ways to run the step: dpo.py's default (precomputed reference), --ref_model (a frozen reference model), and
-the default with torch.optim.AdamW(fused=True) instead of dpo.py's plain AdamW, to show what the optimizer costs.
+Three ways to run the step, their steps interleaved so that they share the machine's ups and downs: dpo.py's
+default (precomputed reference), --ref_model (a frozen reference model), and the default with the plain
+torch.optim.AdamW instead of dpo.py's fused one, to show what the optimizer costs.
 """
 import argparse
 import time
 
 import torch
 
-from synthetic import (VOCAB, build_model, dpo_step, frozen_reference, load_model, make_pairs, median, n_params,
-                       precomputed_reference, quietly)
+from synthetic import (VOCAB, build_model, dpo_optimizer, dpo_step, frozen_reference, load_model, make_pairs, median,
+                       n_params, precomputed_reference, quietly)
 
 
 def parse_args():
@@ -26,7 +27,7 @@ def parse_args():
     parser.add_argument("--models", nargs="+", default=list(VOCAB), choices=list(VOCAB), help="which models")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per step")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per model and mode")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per model and mode")
     parser.add_argument("--top", type=int, default=12, help="rows of the profiler table")
     return parser.parse_args()
 
@@ -72,21 +73,26 @@ def profile_step(policy, optimizer, chunk, ref, top):
     return shares, events.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=55)
 
 
-def time_steps(path, pairs, batches, mode, args):
-    """Median step time and the FLOPs of the timed steps, for one model and one kind of reference."""
-    policy = load_model(path).train()
-    ref = frozen_reference(load_model(path)) if mode == "reference model" else precomputed_reference(policy, pairs)
-    fused = mode.endswith("fused AdamW") or None  # not what dpo.py does: how much its optimizer costs
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4, weight_decay=0.0, fused=fused)
-    times, flops = [], []
+MODES = ("precomputed", "reference model", "precomputed, plain AdamW")
+
+
+def time_steps(path, pairs, batches, args):
+    """Step times and FLOPs of the three ways to run the step, their steps interleaved (one of each in turn)."""
+    setups = {}
+    for mode in MODES:
+        policy = load_model(path).train()
+        ref = frozen_reference(load_model(path)) if mode == "reference model" else precomputed_reference(policy, pairs)
+        setups[mode] = (policy, dpo_optimizer(policy, fused=not mode.endswith("plain AdamW")), ref)
+    times, flops = {mode: [] for mode in MODES}, {mode: [] for mode in MODES}
     for i, chunk in enumerate(batches[:args.warmup + args.steps]):
-        start = time.perf_counter()
-        dpo_step(policy, optimizer, chunk, ref)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-            flops.append(step_flops(policy, chunk, mode == "reference model"))
-    profile = profile_step(policy, optimizer, batches[-1], ref, args.top) if mode == "precomputed" else None
-    return times, flops, profile
+        for mode, (policy, optimizer, ref) in setups.items():
+            start = time.perf_counter()
+            dpo_step(policy, optimizer, chunk, ref)
+            if i >= args.warmup:
+                times[mode].append(time.perf_counter() - start)
+                flops[mode].append(step_flops(policy, chunk, mode == "reference model"))
+    policy, optimizer, ref = setups["precomputed"]
+    return times, flops, profile_step(policy, optimizer, batches[-1], ref, args.top)
 
 
 def main():
@@ -97,13 +103,12 @@ def main():
         path = build_model(name)
         pairs = make_pairs(VOCAB[name], (args.warmup + args.steps + 1) * args.batch_size)
         batches = [pairs[i:i + args.batch_size] for i in range(0, len(pairs), args.batch_size)]
-        for mode in ("precomputed", "reference model", "precomputed, fused AdamW"):
-            (times, flops, profile), others = quietly(lambda: time_steps(path, pairs, batches, mode, args))
-            padding = sum(f[3] - f[1] for f in flops) / sum(f[3] for f in flops)
-            rows.append((name, mode, median(times), median([f[0] for f in flops]) / 1e9,
-                         sum(f[0] for f in flops) / sum(times) / 1e9, padding, others))
-            if profile:
-                profiles.append((name, *profile))
+        (times, flops, profile), others = quietly(lambda: time_steps(path, pairs, batches, args))
+        for mode in MODES:
+            padding = sum(f[3] - f[1] for f in flops[mode]) / sum(f[3] for f in flops[mode])
+            rows.append((name, mode, median(times[mode]), median([f[0] for f in flops[mode]]) / 1e9,
+                         sum(f[0] for f in flops[mode]) / sum(times[mode]) / 1e9, padding, others))
+        profiles.append((name, *profile))
     peak_after, others_after = quietly(matmul_peak)
     peak = max(peak_before, peak_after)
 

@@ -159,6 +159,11 @@ def dpo_step(policy, optimizer, chunk, ref, beta=0.1, max_grad_norm=10.0):
     return row
 
 
+def dpo_optimizer(policy, learning_rate=1e-4, fused=True):
+    """dpo.py's optimizer: AdamW without weight decay, fused (one kernel per step); fused=False is the plain one."""
+    return torch.optim.AdamW(policy.parameters(), lr=learning_rate, weight_decay=0.0, fused=fused)
+
+
 def precomputed_reference(policy, pairs, batch_size=8):
     """dpo.py's default reference: log-probs of every pair under the initial policy, looked up per chunk."""
     from types import SimpleNamespace

@@ -1,6 +1,6 @@
 """dpo.py against TRL's DPOTrainer, head to head: same weights, same token ids, same optimizer steps.
 
-    python bench/vs_trl.py --model 20M                                          # about 5 minutes on 2 CPU cores
+    python bench/vs_trl.py --model 20M                                          # about 7 minutes on 2 CPU cores
     python bench/vs_trl.py --model 20M-128k --rounds 1 --warmup 1 --steps 5    # about 9 minutes (TRL: 30 s a step)
 
 Five contenders, each in its own process (so that its peak RSS is its own), run in turn, `--rounds` times
@@ -10,16 +10,17 @@ with the order rotated each round; a process waits for the shared machine to be 
     trl-precompute   DPOTrainer(precompute_ref_log_probs=True)
     ours             dpo.py's default: reference log-probs precomputed with the initial policy
     ours-ref-model   dpo.py --ref_model: a frozen reference model
-    ours-fused-adamw not dpo.py as it is: its default with torch.optim.AdamW(fused=True), as TRL's optimizer
+    ours-plain-adamw dpo.py's default with the plain torch.optim.AdamW (for-each-parameter; dpo.py before it
+                     switched to the fused one), to show what the optimizer costs
 "Ours" runs dpo.py's own per-step work (synthetic.dpo_step, made of dpo.py's pair_logps, dpo_loss, dpo_metrics
-and reference_logps): one forward of 2B rows, the loss, backward, clip, the one host sync, AdamW step.
+and reference_logps): one forward of 2B rows, the loss, backward, clip, the one host sync, and the step of
+dpo.py's optimizer, torch.optim.AdamW(fused=True) (synthetic.dpo_optimizer).
 
 Made equal on purpose: fp32, batch 8 pairs, no gradient accumulation, constant learning rate, max_grad_norm 10,
 no gradient checkpointing (TRL's default is on; dpo.py's is off), the same token ids (TRL's tokenisation is
 skipped, so BOS/EOS handling cannot differ; each response already ends with EOS), the same order (TRL's
-random sampler is replaced by a sequential one). Left as each one's default: the optimizer implementation
-(TRL: the fused AdamW, dpo.py: torch.optim.AdamW) and TRL's extra metrics (entropy, token accuracy, mean
-logits). Reference log-probs are precomputed for the pairs that are trained on only, before the clock starts.
+random sampler is replaced by a sequential one), the same optimizer (both use the fused AdamW by default).
+Left as TRL's default: its extra metrics (entropy, token accuracy, mean logits). Reference log-probs are precomputed for the pairs that are trained on only, before the clock starts.
 The first `--warmup` steps of each process are not timed. Step time = time between the ends of consecutive
 optimizer steps, so it includes collation and logging.
 """
@@ -31,10 +32,10 @@ import sys
 import tempfile
 import time
 
-from synthetic import (VOCAB, build_model, dpo_step, frozen_reference, load_model, make_pairs, median, n_params,
-                       peak_rss_mib, precomputed_reference, quietly, rss_mib)
+from synthetic import (VOCAB, build_model, dpo_optimizer, dpo_step, frozen_reference, load_model, make_pairs, median,
+                       n_params, peak_rss_mib, precomputed_reference, quietly, rss_mib)
 
-CONTENDERS = ["trl", "trl-precompute", "ours", "ours-ref-model", "ours-fused-adamw"]
+CONTENDERS = ["trl", "trl-precompute", "ours", "ours-ref-model", "ours-plain-adamw"]
 
 
 def parse_args():
@@ -44,7 +45,7 @@ def parse_args():
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each process")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per process")
-    parser.add_argument("--rounds", type=int, default=2, help="processes per contender, order rotated each round")
+    parser.add_argument("--rounds", type=int, default=3, help="processes per contender, order rotated each round")
     parser.add_argument("--max-length", type=int, default=256, help="max prompt + response tokens (none are longer)")
     parser.add_argument("--learning-rate", type=float, default=1e-4, help="large enough that the loss moves")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated subset")
@@ -52,11 +53,10 @@ def parse_args():
     return parser.parse_args()
 
 
-def run_ours(args, path, pairs, with_ref_model, fused=None):
-    import torch
+def run_ours(args, path, pairs, with_ref_model, fused=True):
     policy = load_model(path)
     ref = frozen_reference(load_model(path)) if with_ref_model else precomputed_reference(policy, pairs, args.batch_size)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=fused)
+    optimizer = dpo_optimizer(policy, args.learning_rate, fused)
     policy.train()
     losses, ends, first_logps = [], [time.perf_counter()], None
     for step in range(args.warmup + args.steps):
@@ -135,7 +135,7 @@ def child(args):
            "trl-precompute": lambda: run_trl(args, path, pairs, precompute=True),
            "ours": lambda: run_ours(args, path, pairs, with_ref_model=False),
            "ours-ref-model": lambda: run_ours(args, path, pairs, with_ref_model=True),
-           "ours-fused-adamw": lambda: run_ours(args, path, pairs, with_ref_model=False, fused=True)}[args.child]
+           "ours-plain-adamw": lambda: run_ours(args, path, pairs, with_ref_model=False, fused=False)}[args.child]
     losses, ends, first_logps = run()
     times = [b - a for a, b in zip(ends, ends[1:])][args.warmup:]
     print(json.dumps(dict(contender=args.child, losses=losses, times=times, first_logps_chosen=first_logps,
