@@ -40,6 +40,7 @@ class _ChunkedLogProb(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
         buffers = _chunk_buffers(hidden, weight, ctx.chunk_size)
+        low_w = None if not need_w or weight.dtype == torch.float32 else torch.empty_like(weight)  # (V, H)
         for s in range(0, hidden.shape[0], ctx.chunk_size):
             h, g_out = hidden[s:s + ctx.chunk_size], grad_out[s:s + ctx.chunk_size, None]  # (n, H), (n, 1)
             g = _chunk_logits(h, weight, bias, buffers).sub_(lse[s:s + ctx.chunk_size, None]).exp_().mul_(-g_out)
@@ -47,8 +48,12 @@ class _ChunkedLogProb(torch.autograd.Function):
             if need_b:
                 grad_b += g.sum(0)
             g = g if g.dtype == weight.dtype else buffers[0][:len(h)].copy_(g)  # (n, V) in the weight's dtype
-            if need_w:  # summed in fp32; for fp32 weights in place, without a (V, H) temporary
-                grad_w.addmm_(g.t(), h) if g.dtype == torch.float32 else grad_w.add_(g.t() @ h)
+            if need_w and low_w is None:  # fp32 weights: summed in place, no (V, H) temporary
+                grad_w.addmm_(g.t(), h)
+            elif need_w:  # the chunk's product in the weight's dtype, added to the fp32 sum in row blocks
+                torch.mm(g.t(), h, out=low_w)  # (a mixed-dtype add_ of the whole would copy it to fp32 first)
+                for r in range(0, len(low_w), 8192):
+                    grad_w[r:r + 8192] += low_w[r:r + 8192]
             if need_h:
                 torch.mm(g, weight, out=grad_h[s:s + ctx.chunk_size])
         cast = lambda grad, like: None if grad is None else grad.to(like.dtype)
