@@ -75,7 +75,8 @@ def _chunk_logits(h, weight, bias, buffers):
 
 def token_logps(hidden, weight, bias, labels, chunk_size=None):
     """log p(label_i | hidden_i) for each of N rows: (N, H) -> (N,) in fp32, without (N, V) logits."""
-    chunk_size = chunk_size or max(256, 2**24 // weight.shape[0])  # ~64 MB of fp32 logits per chunk
+    chunk_size = chunk_size or max(128, 2**24 // weight.shape[0] // 128 * 128)  # ~64 MiB of fp32 logits
+    # per chunk, in multiples of 128 rows (a GPU matmul tile), and at least 128 rows so each matmul stays large
     return _ChunkedLogProb.apply(hidden, weight, bias, labels, chunk_size)
 
 

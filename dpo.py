@@ -237,7 +237,8 @@ def main(argv=None):
     policy = load_model(checkpoints[-1] if args.resume and checkpoints else args.model, args.dtype, device,
                         args.trust_remote_code)
     if args.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
+        enable({"use_reentrant": False})  # the name since transformers 5.x; the old one before
 
     # data
     train = load_pairs(args.dataset, tokenizer, args, args.dataset_split)

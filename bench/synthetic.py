@@ -141,21 +141,25 @@ def quietly(measure, tries=3, threshold=0.15):
 
 
 # ---------------------------------------------------------------- dpo.py's step
-def dpo_step(policy, optimizer, chunk, ref, beta=0.1, max_grad_norm=10.0):
+def dpo_step(policy, optimizer, chunk, ref, beta=0.1, max_grad_norm=10.0, mark=lambda phase: None):
     """One optimizer step of dpo.py's training loop with grad_accum = 1, made of dpo.py's own functions:
     one forward of 2B rows, the loss, backward, clip, the step's one host sync, AdamW step.
-    `ref(chunk)` gives the reference log-probs of chosen and rejected (precomputed or from a frozen model)."""
+    `ref(chunk)` gives the reference log-probs of chosen and rejected (precomputed or from a frozen model).
+    `mark(phase)` is called at the end of "forward", "backward" and "step" (memory.py's timeline)."""
     from dpo import dpo_loss, dpo_metrics, pair_logps
     policy_chosen_logps, policy_rejected_logps = pair_logps(policy, chunk, PAD, "cpu")
     reference_chosen_logps, reference_rejected_logps = ref(chunk)
+    mark("forward")
     losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen_logps, policy_rejected_logps,
                                                         reference_chosen_logps, reference_rejected_logps, beta)
     losses.mean().backward()
+    mark("backward")
     metrics = dpo_metrics(losses.detach(), chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
     row = dict(zip([*metrics, "grad_norm"], torch.stack([*metrics.values(), grad_norm.float()]).tolist()))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    mark("step")
     return row
 
 

@@ -17,10 +17,12 @@ and reference_logps): one forward of 2B rows, the loss, backward, clip, the one 
 dpo.py's optimizer, torch.optim.AdamW(fused=True) (synthetic.dpo_optimizer).
 
 Made equal on purpose: fp32, batch 8 pairs, no gradient accumulation, constant learning rate, max_grad_norm 10,
-no gradient checkpointing (TRL's default is on; dpo.py's is off), the same token ids (TRL's tokenisation is
-skipped, so BOS/EOS handling cannot differ; each response already ends with EOS), the same order (TRL's
-random sampler is replaced by a sequential one), the same optimizer (both use the fused AdamW by default).
-Left as TRL's default: its extra metrics (entropy, token accuracy, mean logits). Reference log-probs are precomputed for the pairs that are trained on only, before the clock starts.
+no gradient checkpointing (TRL's default is on, dpo.py's off; `--gradient-checkpointing 1` turns it on for
+all), the same token ids (TRL's tokenisation is skipped, so BOS/EOS handling cannot differ; each response
+already ends with EOS), the same order (TRL's random sampler is replaced by a sequential one), the same
+optimizer (the fused AdamW, both one's default). Left as TRL's default: its extra metrics (entropy, token
+accuracy, mean logits). Reference log-probs are precomputed for the pairs that are trained on only, before
+the clock starts.
 The first `--warmup` steps of each process are not timed. Step time = time between the ends of consecutive
 optimizer steps, so it includes collation and logging.
 """
@@ -49,6 +51,8 @@ def parse_args():
     parser.add_argument("--max-length", type=int, default=256, help="max prompt + response tokens (none are longer)")
     parser.add_argument("--learning-rate", type=float, default=1e-4, help="large enough that the loss moves")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated subset")
+    parser.add_argument("--gradient-checkpointing", type=int, default=0, choices=[0, 1],
+                        help="1: recompute activations in backward, in every contender (TRL's default, off here)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -57,6 +61,8 @@ def run_ours(args, path, pairs, with_ref_model, fused=True):
     policy = load_model(path)
     ref = frozen_reference(load_model(path)) if with_ref_model else precomputed_reference(policy, pairs, args.batch_size)
     optimizer = dpo_optimizer(policy, args.learning_rate, fused)
+    if args.gradient_checkpointing:  # as dpo.py --gradient_checkpointing does it
+        policy.activation_checkpointing_enable({"use_reentrant": False})
     policy.train()
     losses, ends, first_logps = [], [time.perf_counter()], None
     for step in range(args.warmup + args.steps):
@@ -108,7 +114,7 @@ def run_trl(args, path, pairs, precompute):
     config = DPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=args.batch_size,
                        gradient_accumulation_steps=1, max_steps=args.warmup + args.steps, learning_rate=args.learning_rate,
                        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=10.0, beta=0.1,
-                       bf16=False, fp16=False, gradient_checkpointing=False, max_length=args.max_length,
+                       bf16=False, fp16=False, gradient_checkpointing=bool(args.gradient_checkpointing), max_length=args.max_length,
                        precompute_ref_log_probs=precompute, precompute_ref_batch_size=2 * args.batch_size,
                        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
                        dataloader_num_workers=0, seed=0)
@@ -154,7 +160,8 @@ def main():
     print(f"model {args.model}: {n_params(load_model(path)) / 1e6:.1f}M parameters, vocab {VOCAB[args.model]}; "
           f"{len(pairs)} pairs, {sum(tokens) / len(tokens):.0f} tokens per sequence on average, "
           f"prompt:response {sum(len(p) for p, _, _ in pairs) / sum(len(c) for _, c, _ in pairs):.2f}; "
-          f"batch {args.batch_size} pairs, {args.warmup} warm-up + {args.steps} timed steps x {args.rounds} rounds; "
+          f"batch {args.batch_size} pairs, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
+          f"{args.warmup} warm-up + {args.steps} timed steps x {args.rounds} rounds; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     contenders = args.contenders.split(",")
     results = {c: [] for c in contenders}

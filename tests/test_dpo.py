@@ -123,6 +123,20 @@ def test_precomputed_reference_trains_like_a_frozen_reference_model(toy_dir, tmp
     assert not os.path.exists(tmp_path / "ref" / "reference_logps.pt")
 
 
+def test_gradient_checkpointing_trains_like_the_plain_run(toy_dir, tmp_path):
+    data = small_dataset(toy_dir, tmp_path)
+    common = ["--model", os.path.join(toy_dir, "sft"), "--dataset", data, "--batch_size", "4", "--grad_accum", "1",
+              "--learning_rate", "1e-3", "--warmup_steps", "1", "--eval_every", "3", "--max_steps", "4"]
+    dpo.main(common + ["--output_dir", str(tmp_path / "plain")])
+    dpo.main(common + ["--output_dir", str(tmp_path / "ckpt"), "--gradient_checkpointing"])
+    plain, ckpt = read_metrics(str(tmp_path / "plain")), read_metrics(str(tmp_path / "ckpt"))
+    assert len(plain) == len(ckpt) >= 4
+    for a, b in zip(plain, ckpt):
+        for k in ("loss", "grad_norm", "rewards/margins", "eval_loss"):
+            if k in a:
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (a["step"], k)
+
+
 # ---------------------------------------------------------------- bad input
 def write_rows(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
