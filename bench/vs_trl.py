@@ -1,6 +1,6 @@
 """dpo.py against TRL's DPOTrainer, head to head: same weights, same token ids, same optimizer steps.
 
-    python bench/vs_trl.py --model 20M                                          # about 7 minutes on 2 CPU cores
+    python bench/vs_trl.py --model 20M --rounds 4                               # about 9 minutes on 2 CPU cores
     python bench/vs_trl.py --model 20M-128k --rounds 1 --warmup 1 --steps 5    # about 9 minutes (TRL: 30 s a step)
 
 Five contenders, each in its own process (so that its peak RSS is its own), run in turn, `--rounds` times
@@ -47,7 +47,7 @@ def parse_args():
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each process")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per process")
-    parser.add_argument("--rounds", type=int, default=3, help="processes per contender, order rotated each round")
+    parser.add_argument("--rounds", type=int, default=4, help="processes per contender, order rotated each round")
     parser.add_argument("--max-length", type=int, default=256, help="max prompt + response tokens (none are longer)")
     parser.add_argument("--learning-rate", type=float, default=1e-4, help="large enough that the loss moves")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated subset")
