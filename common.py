@@ -16,7 +16,8 @@ import torch.nn.functional as F
 class _ChunkedLogProb(torch.autograd.Function):
     """log_softmax(hidden @ weight.T + bias)[label] row by row, `chunk_size` rows of logits at a time.
     Backward recomputes each chunk's logits instead of storing them: memory is O(chunk_size * V), one
-    buffer reused by every chunk (plus an fp32 one for bf16/fp16 weights), and the fp32 weight gradient."""
+    buffer reused by every chunk, and the fp32 weight gradient (for bf16/fp16 weights also an fp32 chunk
+    buffer and a (V, H) one in the weight's dtype)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk_size):  # hidden (N, H), labels (N,)

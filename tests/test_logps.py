@@ -36,6 +36,22 @@ def test_token_logps_values_and_gradients(dtype, tol, with_bias):
             torch.testing.assert_close(g.float(), e.float(), atol=tol * 10, rtol=tol)
 
 
+def test_bf16_weight_gradient_of_a_large_vocabulary_matches_fp32():
+    # above 8,192 rows the bf16 weight gradient is summed into fp32 in row blocks: every block must land
+    torch.manual_seed(0)
+    N, H, V = 24, 8, 17_001
+    hidden = torch.randn(N, H).bfloat16()
+    weight = torch.randn(V, H).bfloat16().requires_grad_()
+    labels = torch.randint(V, (N,))
+    labels[:3] = torch.tensor([0, 8_192, V - 1])  # rows in the first, a middle and the last block
+    upstream = torch.randn(N)
+    (got,) = torch.autograd.grad((token_logps(hidden, weight, None, labels, chunk_size=7) * upstream).sum(), [weight])
+    w32 = weight.detach().float().requires_grad_()
+    (expected,) = torch.autograd.grad((naive_token_logps(hidden.float(), w32, None, labels) * upstream).sum(), [w32])
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, atol=1e-2, rtol=5e-2)  # bf16 logits
+
+
 def random_rows(rng, n, vocab):
     """Random prompt and response lengths, so padding and response positions differ per row."""
     return [([rng.randrange(2, vocab) for _ in range(rng.randint(1, 9))],
