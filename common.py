@@ -49,7 +49,7 @@ class _ChunkedLogProb(torch.autograd.Function):
             if need_b:
                 grad_b += g.sum(0)
             g = g if g.dtype == weight.dtype else buffers[0][:len(h)].copy_(g)  # (n, V) in the weight's dtype
-            if need_w and low_w is None:  # fp32 weights: summed in place, no (V, H) temporary
+            if need_w and weight.dtype == torch.float32:  # summed in place, no (V, H) temporary
                 grad_w.addmm_(g.t(), h)
             elif need_w:  # the chunk's product in the weight's dtype, added to the fp32 sum in row blocks
                 torch.mm(g.t(), h, out=low_w)  # (a mixed-dtype add_ of the whole would copy it to fp32 first)
