@@ -5,8 +5,10 @@
 2. `encode_prompt` / `encode_response` / `truncate` / `collate`: (prompt, response) -> padded batch.
 3. `load_model` / `load_tokenizer` / `load_rows`: hub id or local path, with clear errors on bad data.
 """
+import hashlib
 import json
 import os
+import signal
 
 import torch
 import torch.nn.functional as F
@@ -14,14 +16,14 @@ import torch.nn.functional as F
 
 # ---------------------------------------------------------------- log-probs
 class _ChunkedLogProb(torch.autograd.Function):
-    """log_softmax(hidden @ weight.T + bias)[label] row by row, `chunk_size` rows of logits at a time.
-    Backward recomputes each chunk's logits instead of storing them: memory is O(chunk_size * V), one
-    buffer reused by every chunk, and the fp32 weight gradient (for bf16/fp16 weights also an fp32 chunk
-    buffer and a (V, H) one in the weight's dtype)."""
+    """log_softmax(hidden @ weight.T + bias)[label] row by row, `chunk_size` rows of logits at a time, in
+    fp32 (fp64 for fp64 inputs). Backward recomputes each chunk's logits instead of storing them: memory is
+    O(chunk_size * V), one buffer reused by every chunk, and the fp32 weight gradient (for bf16/fp16
+    weights also an fp32 chunk buffer and a (V, H) one in the weight's dtype)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk_size):  # hidden (N, H), labels (N,)
-        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
+        lse = torch.empty(hidden.shape[0], dtype=_acc_dtype(weight), device=hidden.device)  # (N,)
         out = torch.empty_like(lse)  # (N,)
         buffers = _chunk_buffers(hidden, weight, chunk_size)
         for s in range(0, hidden.shape[0], chunk_size):
@@ -38,18 +40,18 @@ class _ChunkedLogProb(torch.autograd.Function):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        grad_w = torch.zeros_like(weight, dtype=_acc_dtype(weight)) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=_acc_dtype(weight)) if need_b else None
         buffers = _chunk_buffers(hidden, weight, ctx.chunk_size)
-        low_w = None if not need_w or weight.dtype == torch.float32 else torch.empty_like(weight)  # (V, H)
+        low_w = None if not need_w or weight.dtype == _acc_dtype(weight) else torch.empty_like(weight)  # (V, H)
         for s in range(0, hidden.shape[0], ctx.chunk_size):
             h, g_out = hidden[s:s + ctx.chunk_size], grad_out[s:s + ctx.chunk_size, None]  # (n, H), (n, 1)
             g = _chunk_logits(h, weight, bias, buffers).sub_(lse[s:s + ctx.chunk_size, None]).exp_().mul_(-g_out)
-            g.scatter_add_(-1, labels[s:s + ctx.chunk_size, None], g_out)  # (n, V) fp32: g_out * (onehot - p)
+            g.scatter_add_(-1, labels[s:s + ctx.chunk_size, None], g_out)  # (n, V) fp32/64: g_out * (onehot - p)
             if need_b:
                 grad_b += g.sum(0)
             g = g if g.dtype == weight.dtype else buffers[0][:len(h)].copy_(g)  # (n, V) in the weight's dtype
-            if need_w and weight.dtype == torch.float32:  # summed in place, no (V, H) temporary
+            if need_w and weight.dtype == grad_w.dtype:  # summed in place, no (V, H) temporary
                 grad_w.addmm_(g.t(), h)
             elif need_w:  # the chunk's product in the weight's dtype, added to the fp32 sum in row blocks
                 torch.mm(g.t(), h, out=low_w)  # (a mixed-dtype add_ of the whole would copy it to fp32 first)
@@ -61,24 +63,35 @@ class _ChunkedLogProb(torch.autograd.Function):
         return grad_h, cast(grad_w, weight), cast(grad_b, bias), None, None
 
 
+def _acc_dtype(weight):
+    """The dtype logits and log-probs are computed in: fp64 for fp64 weights, fp32 for every other dtype."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
 def _chunk_buffers(hidden, weight, chunk_size):
-    """(chunk, V) buffers for the head's output: in the weight's dtype, and in fp32 (the same one for fp32)."""
+    """(chunk, V) buffers for the head's output: in the weight's dtype, and in fp32 (the same one for fp32/64)."""
     low = hidden.new_empty(min(chunk_size, hidden.shape[0]), weight.shape[0], dtype=weight.dtype)
-    return low, low if weight.dtype == torch.float32 else torch.empty_like(low, dtype=torch.float32)
+    return low, low if weight.dtype == _acc_dtype(weight) else torch.empty_like(low, dtype=torch.float32)
 
 
 def _chunk_logits(h, weight, bias, buffers):
-    """fp32 logits (n, V) of the rows h (n, H), written into the buffers."""
+    """fp32 (fp64) logits (n, V) of the rows h (n, H), written into the buffers."""
     low = buffers[0][:len(h)]
     torch.mm(h, weight.t(), out=low) if bias is None else torch.addmm(bias, h, weight.t(), out=low)
     return low if buffers[1] is buffers[0] else buffers[1][:len(h)].copy_(low)
 
 
 def token_logps(hidden, weight, bias, labels, chunk_size=None):
-    """log p(label_i | hidden_i) for each of N rows: (N, H) -> (N,) in fp32, without (N, V) logits."""
+    """log p(label_i | hidden_i) for each of N rows: (N, H) -> (N,) in fp32 (fp64 for fp64), without (N, V) logits."""
     chunk_size = chunk_size or max(128, 2**24 // weight.shape[0] // 128 * 128)  # ~64 MiB of fp32 logits
     # per chunk, in multiples of 128 rows (a GPU matmul tile), and at least 128 rows so each matmul stays large
     return _ChunkedLogProb.apply(hidden, weight, bias, labels, chunk_size)
+
+
+# Families whose logits are exactly lm_head(base_model(...)[0]), read in transformers' modeling_<name>.py.
+# Any other model is checked once against its own logits: Gemma-2 and RecurrentGemma soft-cap them, Granite
+# divides them, Cohere and FalconH1 multiply them, MiniCPM scales the hidden state, and others will come.
+PLAIN_HEAD_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3"}
 
 
 def sequence_logps(model, batch, chunk_size=None):
@@ -86,21 +99,45 @@ def sequence_logps(model, batch, chunk_size=None):
 
     `batch` comes from `collate`. The one-token shift happens once, in `collate`'s `score_index`: the
     token at position t is scored by the hidden state at t - 1, so the first response token is scored
-    at the last prompt position. All indices are built on the host: no boolean masks, no syncs here."""
-    B = batch["input_ids"].shape[0]
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-        # Models that transform the logits after the LM head (Gemma-2, Cohere): plain, unfused path.
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        logits = logits.flatten(0, 1).index_select(0, batch["score_index"]).float()  # (N, V)
-        per_token = logits.log_softmax(-1).gather(-1, batch["labels"][:, None]).squeeze(-1)  # (N,)
-    else:
+    at the last prompt position. All indices are built on the host: no boolean masks, no syncs here.
+    The fused head is used when the model's logits are lm_head(final hidden), as `_head_is_plain` decides
+    on the first batch (once per model); otherwise the model's own (B, T, V) logits."""
+    plain = getattr(model, "_plain_head", None)
+    if plain is None:  # the first call only: decided once per model, kept on it
+        plain = model._plain_head = _head_is_plain(model, batch)
+    if plain:
         out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         hidden = out[0].flatten(0, 1).index_select(0, batch["score_index"])  # (N, H): only positions that score
         head = model.get_output_embeddings()
         per_token = token_logps(hidden, head.weight, head.bias, batch["labels"], chunk_size)  # (N,)
-    logps = per_token.new_zeros(B).index_add(0, batch["row_of_token"], per_token)  # (B,)
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = logits.flatten(0, 1).index_select(0, batch["score_index"])  # (N, V)
+        logprobs = logits.to(_acc_dtype(logits)).log_softmax(-1)  # (N, V) fp32 (fp64 for fp64)
+        per_token = logprobs.gather(-1, batch["labels"][:, None]).squeeze(-1)  # (N,)
+    logps = per_token.new_zeros(batch["input_ids"].shape[0]).index_add(0, batch["row_of_token"], per_token)  # (B,)
     return logps, batch["n_tokens"]
+
+
+@torch.no_grad()
+def _head_is_plain(model, batch, rows=2, tokens=64, rtol=1e-3):
+    """Whether model(...).logits is lm_head(base_model(...)[0]), on the first tokens of the first rows of a
+    batch, in eval mode: true for PLAIN_HEAD_FAMILIES, else the two must agree to rtol of the largest logit."""
+    if model.config.model_type in PLAIN_HEAD_FAMILIES:
+        return True
+    ids, mask = batch["input_ids"][:rows, :tokens], batch["attention_mask"][:rows, :tokens]  # (r, t): a prefix
+    was_training = model.training
+    model.eval()  # no dropout in the comparison
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (r, t, V)
+    head = model.get_output_embeddings()
+    fused = F.linear(model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)[0], head.weight, head.bias)
+    model.train(was_training)
+    real = mask.bool()  # (r, t): compare at real tokens only
+    diff, scale = (fused[real] - logits[real]).abs().max().item(), logits[real].abs().max().item()
+    if diff > rtol * scale:
+        print(f"sequence_logps: {model.config.model_type} transforms the LM head's logits (max difference {diff:.3g} "
+              f"on {int(real.sum())} tokens): using the model's full logits, not the fused chunked head")
+    return diff <= rtol * scale
 
 
 # ---------------------------------------------------------------- tokenising and batching
@@ -126,14 +163,33 @@ def encode_response(tokenizer, prompt, response):
     return ids if ids and ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
 
 
-def truncate(prompt_ids, responses, max_length, max_prompt_length=None):
-    """Fit prompt + each response into max_length: cut the prompt first, keeping its end (but not below
-    max_prompt_length, default max_length // 2), then the responses. Returns (prompt, responses, cut?)."""
+def prompt_head_length(tokenizer, prompt, prompt_ids):
+    """How many leading tokens of an encoded prompt are the tokenizer's or the chat template's head, which
+    `truncate` keeps: for text, what the tokenizer puts before any text (BOS); for chat messages, all that
+    the template renders before any message's content (BOS, a default system prompt, the first role header).
+    Counted as the tokens the head, encoded alone, shares with prompt_ids: a merge across its end only shortens it."""
+    if isinstance(prompt, list):
+        mark = "\ue000"  # a private-use character in place of every message's content
+        text = tokenizer.apply_chat_template([{**m, "content": mark} for m in prompt], add_generation_prompt=True,
+                                             tokenize=False)
+        head = tokenizer(text[:max(text.find(mark), 0)], add_special_tokens=False)["input_ids"]
+    else:
+        head = tokenizer("")["input_ids"]
+    return len(os.path.commonprefix([head, prompt_ids]))
+
+
+def truncate(prompt_ids, responses, max_length, max_prompt_length=None, keep_start=0):
+    """Fit prompt + each response into max_length. If the prompt and the longest response are too long, the
+    prompt is cut first, to keep = max(max_length - longest response, min(prompt length, max_prompt_length or
+    max_length // 2)) tokens: its first min(keep_start, keep // 2) tokens (BOS and the chat header, from
+    `prompt_head_length`) and its last ones (the latest text and the generation prompt); its middle goes.
+    Then each response loses its end to fit. Returns (prompt, responses, cut?)."""
     longest = max(len(r) for r in responses)
     if len(prompt_ids) + longest <= max_length:
         return prompt_ids, responses, False
     keep = max(max_length - longest, min(len(prompt_ids), max_prompt_length or max_length // 2))
-    prompt_ids = prompt_ids[len(prompt_ids) - keep:]
+    start = min(keep_start, keep // 2)
+    prompt_ids = prompt_ids[:start] + prompt_ids[len(prompt_ids) - keep + start:]
     return prompt_ids, [r[:max_length - len(prompt_ids)] for r in responses], True
 
 
@@ -166,57 +222,155 @@ def load_model(name, dtype="auto", device=None, trust_remote_code=False):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype),
-                                                     trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise SystemExit(f"error: could not load model '{name}': {e}")
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
-    return model.to(device)
+    model = from_pretrained(AutoModelForCausalLM, name, "a causal LM", dtype=getattr(torch, dtype),
+                            trust_remote_code=trust_remote_code)
+    return disable_dropout(model).to(device)
+
+
+def disable_dropout(model):
+    """Zero every dropout probability, in place: nn.Dropout's p, and every float attribute whose name holds
+    "drop" (dropout, attention_dropout, hidden_dropout, resid_pdrop, layerdrop, ...) on every module and on
+    the config and its sub-configs, which many families (OPT, Falcon, BLOOM) read in train mode to call
+    F.dropout. DPO needs pi = pi_ref at step 0 while the policy stays in train() (gradient checkpointing
+    reads self.training), so eval() is no answer."""
+    from transformers import PreTrainedConfig
+    todo, seen = [model.config, *model.modules()], set()
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.nn.modules.dropout._DropoutNd):  # Dropout, Dropout1d/2d/3d, AlphaDropout
+            obj.p = 0.0
+        for name, value in list(vars(obj).items()):
+            if isinstance(value, PreTrainedConfig):  # a sub-config (text_config, ...), or a module's own config
+                todo.append(value)
+            elif isinstance(value, float) and "drop" in name.lower():
+                setattr(obj, name, 0.0)
+    return model
 
 
 def load_tokenizer(name, trust_remote_code=False):
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    tokenizer = from_pretrained(AutoTokenizer, name, "a tokenizer", trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_rows(source, fields, split="train"):
-    """Rows of a hub dataset or a local json/jsonl/parquet file, as dicts. Each field in `fields` must be a
-    string or a list of chat messages ({"role", "content"} dicts): anything else stops with file, row, field."""
-    import datasets
-    kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(os.path.splitext(source)[1])
+def from_pretrained(auto_class, name, what, **kwargs):
+    """auto_class.from_pretrained(name), with one line instead of a traceback when `name` is neither a local
+    save_pretrained directory nor a hub id that holds `what`."""
+    if not os.path.isdir(name) and (os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise SystemExit(f"error: {name}: {'not a directory' if os.path.exists(name) else 'no such directory'}; "
+                         f"expected a save_pretrained directory or a hub id")
     try:
-        data = datasets.load_dataset(kind, data_files=source, split="train") if kind else \
-            datasets.load_dataset(source, split=split)
+        return auto_class.from_pretrained(name, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: could not load {what} from {name}: {one_line(e)}")
+
+
+DATA_FORMATS = "a local .jsonl, .json or .parquet file, a folder written by datasets' save_to_disk, or a hub dataset id"
+CHAT_ROLES = {"system", "developer", "user", "assistant", "tool", "ipython", "function"}
+
+
+def load_rows(source, fields, split="train"):
+    """Rows of a local .jsonl/.json/.parquet file, a save_to_disk folder or a hub dataset, as dicts, checked
+    by `check_rows`. Every problem stops with one line that names the file, the 1-based line (JSON Lines)
+    or row, and the field."""
+    import datasets
+    ext = os.path.splitext(source)[1].lower()
+    if os.path.isfile(source) and ext not in (".json", ".jsonl", ".parquet"):
+        raise SystemExit(f"error: {source}: a {ext or 'file of unknown'} format is not read; a dataset is {DATA_FORMATS}")
+    if not os.path.exists(source) and (ext in (".json", ".jsonl", ".parquet", ".csv", ".tsv", ".txt")
+                                       or source.startswith((".", "/", "~"))):
+        raise SystemExit(f"error: {source}: no such file; a dataset is {DATA_FORMATS}")
+    if os.path.exists(source):  # quiet for a local file: our error, if any, is the one line on stderr
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        if os.path.isfile(source):
+            data = datasets.load_dataset("parquet" if ext == ".parquet" else "json", data_files=source, split="train")
+        elif os.path.isdir(source) and any(os.path.exists(os.path.join(source, f)) for f in ("state.json", "dataset_dict.json")):
+            data = datasets.load_from_disk(source)
+            data = data[split] if isinstance(data, datasets.DatasetDict) else data
+        else:  # a hub id, or a folder of data files
+            data = datasets.load_dataset(source, split=split)
+        rows = data.to_list()
     except Exception as e:
-        if kind == "json":  # usually a type clash between rows: find it ourselves and name it
-            with open(source) as f:
-                rows = [json.loads(line) for line in f if line.strip()] if source.endswith("l") else json.load(f)
-            return check_rows(source, rows, fields)
-        raise SystemExit(f"error: could not load dataset '{source}': {e}")
-    return check_rows(source, data.to_list(), fields)
+        if ext not in (".json", ".jsonl"):
+            raise SystemExit(f"error: could not load dataset {source}: {one_line(e)}; a dataset is {DATA_FORMATS}")
+        rows = read_json_rows(source)  # `datasets` could not type the file: read it plainly, naming the bad line
+    return check_rows(source, rows, fields)
+
+
+def one_line(error):
+    return " ".join(str(error).split())[:300] or type(error).__name__
+
+
+def read_json_rows(source):
+    """A JSON array or JSON Lines file read with the json module, for exact errors where `datasets` fails:
+    a line that is not UTF-8, not JSON, or not a JSON object stops with its line number."""
+    with open(source, "rb") as f:
+        raw = f.read()
+    if raw.lstrip()[:1] == b"[":  # one JSON array
+        try:
+            rows = json.loads(raw)
+        except ValueError as e:
+            raise SystemExit(f"error: {source}: not valid JSON ({e})")
+        numbered = [(f"row {i}", row) for i, row in enumerate(rows, 1)]
+    else:  # JSON Lines
+        numbered = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            try:
+                numbered += [(f"line {n}", json.loads(line.decode("utf-8")))] if line.strip() else []
+            except UnicodeDecodeError:
+                raise SystemExit(f"error: {source}: line {n}: not UTF-8 text")
+            except ValueError as e:
+                raise SystemExit(f"error: {source}: line {n}: not valid JSON ({e})")
+    for place, row in numbered:
+        if not isinstance(row, dict):
+            raise SystemExit(f"error: {source}: {place}: expected a JSON object, got {type(row).__name__}")
+    return [row for _, row in numbered]
+
+
+def where(source, i):
+    """Row i's place for an error message: 'line N' in a JSON Lines file, else 'row N' (1-based)."""
+    if os.path.isfile(source) and source.lower().endswith((".json", ".jsonl")):
+        with open(source, "rb") as f:
+            raw = f.read()
+        lines = [n for n, line in enumerate(raw.splitlines(), 1) if line.strip()]
+        if raw.lstrip()[:1] == b"{" and i < len(lines):
+            return f"line {lines[i]}"
+    return f"row {i + 1}"
 
 
 def check_rows(source, rows, fields):
-    if rows and "prompt" in fields and "prompt" not in rows[0] and {"chosen", "rejected"} <= set(rows[0]):
+    """Each field must be present, and all of them text, or all of them chat messages ([{"role", "content"}]
+    dicts with a known role); the first row that is not stops with its file, line or row, and field."""
+    if rows and "prompt" in fields and rows[0].get("prompt") is None and {"chosen", "rejected"} <= set(rows[0]):
         rows = [split_implicit_prompt(source, i, row) for i, row in enumerate(rows)]
     for i, row in enumerate(rows):
         for field in fields:
-            if field not in row:
-                raise SystemExit(f"error: {source}: row {i}: missing field '{field}' (found: {sorted(row)})")
-            value = row[field]
-            chat_ok = isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                                     and isinstance(m.get("role"), str) for m in value)
-            if not (isinstance(value, str) or chat_ok):
-                raise SystemExit(f"error: {source}: row {i}: field '{field}' must be a string or a list of "
-                                 f"{{'role', 'content'}} messages, got {type(value).__name__}: {str(value)[:80]!r}")
+            value = row.get(field)
+            problem = None
+            if value is None:
+                problem = f"missing (found: {', '.join(k for k, v in row.items() if v is not None) or 'nothing'})"
+            elif isinstance(value, list):
+                problem = next((f"message {j + 1} must be a {{'role', 'content'}} dict with string values and a role "
+                                f"in {sorted(CHAT_ROLES)}, got {str(m)[:80]!r}" for j, m in enumerate(value)
+                                if not (isinstance(m, dict) and isinstance(m.get("content"), str)
+                                        and m.get("role") in CHAT_ROLES)), None)
+                if not value:
+                    problem = "an empty list of messages"
+            elif not isinstance(value, str):
+                problem = (f"expected a string or a list of {{'role', 'content'}} messages, got "
+                           f"{type(value).__name__} {str(value)[:80]!r}")
+            elif any(isinstance(row.get(f), list) for f in fields):
+                chat = next(f for f in fields if isinstance(row.get(f), list))
+                problem = f"text, while field '{chat}' is chat messages: give all fields as text or all as chat"
+            if problem:
+                raise SystemExit(f"error: {source}: {where(source, i)}: field '{field}': {problem}")
     return rows
 
 
@@ -232,17 +386,49 @@ def split_implicit_prompt(source, i, row):
         cut = common.rfind("\n\nAssistant:") + len("\n\nAssistant:")
         if cut >= len("\n\nAssistant:"):
             return {**row, "prompt": chosen[:cut], "chosen": chosen[cut:], "rejected": rejected[cut:]}
-    raise SystemExit(f"error: {source}: row {i}: no 'prompt' field, and chosen/rejected share no prompt to split off")
+    raise SystemExit(f"error: {source}: {where(source, i)}: field 'prompt': missing, and chosen/rejected share no "
+                     f"prompt to split off")
 
 
-def report_dropped(dropped, total):
-    """Print how many rows were dropped and why, with the first few row numbers; stop if none are left."""
+def report_dropped(source, dropped, total):
+    """Print how many rows were dropped and why, with the first few (1-based) row numbers; stop if none are left."""
     for reason, rows in dropped.items():
         if rows:
-            print(f"dropped {len(rows)} of {total} rows ({reason}): rows {', '.join(map(str, rows[:5]))}"
+            print(f"{source}: dropped {len(rows)} of {total} rows ({reason}): rows {', '.join(map(str, rows[:5]))}"
                   f"{' ...' if len(rows) > 5 else ''}")
     if sum(map(len, dropped.values())) == total:
-        raise SystemExit("error: no usable rows left in the dataset")
+        raise SystemExit(f"error: {source}: no usable rows")
+
+
+def fingerprint(source):
+    """What a run records of an input, to refuse a resume whose input changed: a file's sha256; for a local
+    directory (a model), the sha256 of its file names and sizes and of its small files' bytes (config,
+    tokenizer; weights by size only, reading them all would take minutes); a hub id as it is."""
+    if source is None or not os.path.exists(source):
+        return source
+    digest = hashlib.sha256()
+    for root, _, names in sorted(os.walk(source)) if os.path.isdir(source) else [("", None, [source])]:
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            digest.update(f"{os.path.relpath(path, source)} {os.path.getsize(path)}\n".encode())
+            if not os.path.isdir(source) or os.path.getsize(path) < 2**20:
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(2**24), b""):
+                        digest.update(block)
+    return digest.hexdigest()
+
+
+def crash_point(name):
+    """Test hook of the fault-injection tests: SIGKILL this process the n-th time it passes `name` when
+    $DPO_CRASH_AT is "name:n". Nothing otherwise."""
+    point, _, n = os.environ.get("DPO_CRASH_AT", "").partition(":")
+    if point == name:
+        _crossings[name] = _crossings.get(name, 0) + 1
+        if _crossings[name] == int(n or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+_crossings = {}
 
 
 @torch.no_grad()

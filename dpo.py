@@ -6,10 +6,15 @@ Rafailov, Sharma, Mitchell, Ermon, Manning, Finn. NeurIPS 2023. https://arxiv.or
     cDPO   = - (1 - eps) log sigmoid(beta * h) - eps log sigmoid(-beta * h)                (--label_smoothing eps)
 
 Run:
-    python dpo.py                                          # built-in toy task, CPU, about two minutes
+    python dpo.py                                          # built-in toy task, CPU, a few minutes
     python dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset trl-lib/ultrafeedback_binarized --output_dir out
-    python dpo.py --model out --resume --output_dir out   # or: continue an interrupted run with --resume
+    python dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset trl-lib/ultrafeedback_binarized --output_dir out --resume
 Single process, one device; multi-GPU (torchrun / FSDP) is not implemented.
+
+A run owns its --output_dir: args.json records every flag and a fingerprint of each input, and --resume
+continues from the newest checkpoint only with the same flags and inputs (it may change --max_steps,
+--eval_every, --save_every). Ctrl-C or SIGTERM finishes the step, saves a checkpoint and prints the command
+that continues the run; a second one stops at once.
 
 Deviations from the paper and the reference code (eric-mitchell/direct-preference-optimization):
 1. The reference log-probs are computed once, before training, with the initial policy (pi = pi_ref at
@@ -20,12 +25,16 @@ Deviations from the paper and the reference code (eric-mitchell/direct-preferenc
    1e-6 many bf16 updates round away; use --dtype float32 if memory allows.
 """
 import argparse
+import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import random
+import shlex
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,15 +43,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (collate, encode_prompt, encode_response, load_model, load_rows, load_tokenizer,
-                    report_dropped, sequence_logps, truncate)
+from common import (collate, crash_point, encode_prompt, encode_response, fingerprint, load_model, load_rows,
+                    load_tokenizer, prompt_head_length, report_dropped, sequence_logps, truncate)
 
 
 @dataclass
 class Args:
     model: str = field(default=None, metadata={"help": "policy to train: hub id or local directory (default: the built-in toy model)"})
     ref_model: str = field(default=None, metadata={"help": "frozen reference model; default: reference log-probs precomputed with the initial policy"})
-    dataset: str = field(default=None, metadata={"help": "preference data (prompt/chosen/rejected): hub name or .json/.jsonl/.parquet (default: toy)"})
+    dataset: str = field(default=None, metadata={"help": "preference data (prompt/chosen/rejected): hub name, .jsonl/.json/.parquet, or a save_to_disk folder (default: toy)"})
     dataset_split: str = field(default="train", metadata={"help": "split of a hub dataset to train on"})
     eval_dataset: str = field(default=None, metadata={"help": "held-out preference data; default: hold out --eval_fraction of --dataset"})
     eval_fraction: float = field(default=0.02, metadata={"help": "fraction of --dataset held out when no --eval_dataset is given"})
@@ -58,13 +67,13 @@ class Args:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=10.0, metadata={"help": "gradient clipping norm (reference code: 10)"})
     beta: float = field(default=0.1, metadata={"help": "KL strength beta (paper: 0.1; 0.5 for TL;DR)"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "cDPO label smoothing eps (0 = plain DPO)"})
-    max_length: int = field(default=512, metadata={"help": "max tokens of prompt + response; the prompt is cut first"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "cDPO label smoothing eps in [0, 0.5) (0 = plain DPO)"})
+    max_length: int = field(default=512, metadata={"help": "max tokens of prompt + response; the prompt's middle is cut first"})
     max_prompt_length: int = field(default=None, metadata={"help": "a cut prompt keeps at least this many tokens (default max_length // 2)"})
     seed: int = field(default=0, metadata={"help": "seed of the data order and of everything random"})
     eval_every: int = field(default=100, metadata={"help": "evaluate on the held-out pairs every N steps"})
     save_every: int = field(default=500, metadata={"help": "write a checkpoint every N steps"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --output_dir from its last checkpoint"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --output_dir from its newest checkpoint"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
     dtype: str = field(default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU",
                                                  "choices": ["auto", "float32", "bfloat16", "float16"]})
@@ -74,26 +83,39 @@ class Args:
 # The toy task needs a larger step size and smaller batches than a pretrained LLM; used when --model is not given.
 TOY_DEFAULTS = dict(learning_rate=1e-4, batch_size=16, grad_accum=1, warmup_steps=10, epochs=2, eval_every=40,
                     save_every=100, max_length=128)
+positive, at_least_1 = (lambda v: 0 < v < math.inf, "a positive number"), (lambda v: v >= 1, "at least 1")
+ARG_CHECKS = dict(batch_size=at_least_1, grad_accum=at_least_1, epochs=at_least_1, eval_every=at_least_1,
+                  save_every=at_least_1, max_eval_pairs=at_least_1, max_length=(lambda v: v >= 2, "at least 2"),
+                  max_steps=(lambda v: v is None or v >= 1, "at least 1"),
+                  max_prompt_length=(lambda v: v is None or v >= 1, "at least 1"),
+                  warmup_steps=(lambda v: v >= 0, "0 or more"), weight_decay=(lambda v: 0 <= v < math.inf, "0 or more"),
+                  learning_rate=positive, beta=positive, max_grad_norm=positive,
+                  eval_fraction=(lambda v: 0 < v < 1, "between 0 and 1"),
+                  label_smoothing=(lambda v: 0 <= v < 0.5, "in [0, 0.5)"))
+RESUME_MAY_CHANGE = ("max_steps", "eval_every", "save_every", "resume")  # every other flag must match the run's
 
 
+# ---------------------------------------------------------------- arguments (TRY NOT TO MODIFY)
 def parse_args(argv=None):
+    """Flags as given, over the toy's defaults when --model is not given, over Args' defaults; every value is
+    checked here, before anything is read or written."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Args):
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        if f.type is bool:
-            parser.add_argument(*flags, action="store_true", help=f.metadata["help"])
-            continue
-        default = "" if f.default is None else f" (default: {f.default}" + (
+        default = "" if f.default is None or f.type is bool else f" (default: {f.default}" + (
             f"; toy: {TOY_DEFAULTS[f.name]})" if f.name in TOY_DEFAULTS else ")")
-        parser.add_argument(*flags, type=f.type, default=f.default, help=f.metadata["help"] + default,
-                            choices=f.metadata.get("choices"))
-    given = parser.parse_args(argv)
-    args = Args(**vars(given))
-    if args.model is None:  # the toy: its own defaults for whatever the user did not set
-        for name, value in TOY_DEFAULTS.items():
-            if getattr(args, name) == parser.get_default(name):
-                setattr(args, name, value)
-    args.output_dir = args.output_dir or time.strftime("runs/dpo-%Y%m%d-%H%M%S")
+        kind = dict(action="store_true") if f.type is bool else dict(type=f.type, choices=f.metadata.get("choices"))
+        parser.add_argument(*flags, **kind, default=argparse.SUPPRESS, help=f.metadata["help"] + default)
+    given = vars(parser.parse_args(argv))  # only the flags on the command line: an explicit one always wins
+    defaults = {f.name: f.default for f in dataclasses.fields(Args)}
+    args = Args(**{**defaults, **(TOY_DEFAULTS if "model" not in given else {}), **given})
+    for name, (ok, expected) in ARG_CHECKS.items():
+        if not ok(getattr(args, name)):
+            sys.exit(f"error: --{name} must be {expected} (got {getattr(args, name)})")
+    if args.dataset and not args.model:
+        sys.exit("error: --dataset needs --model (without --model, dpo.py trains the toy model on the toy data)")
+    if args.resume and not args.output_dir:
+        sys.exit("error: --resume needs the --output_dir of the run to continue")
     return args
 
 
@@ -131,7 +153,7 @@ def load_pairs(source, tokenizer, args, split="train"):
     dropped = {"empty prompt or response": [], "chosen identical to rejected": [],
                "prompt alone longer than --max_length": []}
     pairs, n_cut = [], 0
-    for i, row in enumerate(tqdm(rows, desc=f"tokenizing {source}", disable=len(rows) < 10000)):
+    for i, row in enumerate(tqdm(rows, desc=f"tokenizing {source}", disable=len(rows) < 10000), 1):
         if not all(text(row[k]).strip() for k in ("prompt", "chosen", "rejected")):
             dropped["empty prompt or response"].append(i)
         elif row["chosen"] == row["rejected"]:
@@ -142,51 +164,161 @@ def load_pairs(source, tokenizer, args, split="train"):
                 dropped["prompt alone longer than --max_length"].append(i)
                 continue
             responses = [encode_response(tokenizer, row["prompt"], row[k]) for k in ("chosen", "rejected")]
-            prompt, (chosen, rejected), cut = truncate(prompt, responses, args.max_length, args.max_prompt_length)
+            prompt, (chosen, rejected), cut = truncate(prompt, responses, args.max_length, args.max_prompt_length,
+                                                       prompt_head_length(tokenizer, row["prompt"], prompt))
             pairs.append((prompt, chosen, rejected))
             n_cut += cut
-    report_dropped(dropped, len(rows))
+    report_dropped(source, dropped, len(rows))
     if n_cut:
         print(f"{source}: truncated {n_cut} of {len(pairs)} pairs to --max_length {args.max_length}")
     return pairs
 
 
+def load_data(args, tokenizer):
+    """Training and held-out pairs: --eval_dataset, or --eval_fraction of --dataset held out by a seeded shuffle."""
+    train = load_pairs(args.dataset, tokenizer, args, args.dataset_split)
+    if args.eval_dataset:
+        held_out = load_pairs(args.eval_dataset, tokenizer, args, "test")
+    else:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        n_eval = max(1, min(args.max_eval_pairs, int(len(train) * args.eval_fraction)))
+        held_out, train = [train[i] for i in order[:n_eval]], [train[i] for i in order[n_eval:]]
+    print(f"{len(train)} training pairs, {len(held_out[:args.max_eval_pairs])} held-out pairs")
+    return train, held_out[:args.max_eval_pairs]
+
+
 @torch.no_grad()
 def reference_logps(model, pairs, args, pad_token_id, device):
-    """(N, 2) summed log-probs of chosen and rejected under the initial policy (deviation 1)."""
-    out = []
+    """(N, 2) summed log-probs of chosen and rejected under the initial policy (deviation 1), in eval mode."""
+    out, was_training = [], model.training
+    model.eval()
     for s in tqdm(range(0, len(pairs), 2 * args.batch_size), desc="reference log-probs"):
         out.append(torch.stack(pair_logps(model, pairs[s:s + 2 * args.batch_size], pad_token_id, device), -1).cpu())
+        crash_point("reference")
+    model.train(was_training)
     return torch.cat(out)
+
+
+def reference_cache(args, policy, splits, record, pad_token_id, device):
+    """Reference log-probs of every pair, computed once and kept in the run directory with the record of what
+    they were computed from, so a resumed run reuses them (and never reuses another run's)."""
+    path = os.path.join(args.output_dir, "reference_logps.pt")
+    fixed = {k: v for k, v in record["args"].items() if k not in RESUME_MAY_CHANGE}, record["inputs"]
+    if os.path.exists(path):
+        cache = torch.load(path)
+        if cache["record"] != fixed:
+            sys.exit(f"error: {path} was computed for other flags or inputs; remove it to compute it again")
+        return cache
+    cache = {name: reference_logps(policy, pairs, args, pad_token_id, device) for name, pairs in splits.items()}
+    torch.save({**cache, "record": fixed}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return cache
 
 
 @torch.no_grad()
 def evaluate(policy, pairs, ref, args, pad_token_id, device):
-    """Mean DPO metrics on held-out pairs, TRL's names with the eval_ prefix."""
-    totals = {}
+    """Mean DPO metrics on held-out pairs, TRL's names with the eval_ prefix; the policy in eval mode."""
+    totals, was_training = {}, policy.training
+    policy.eval()
     for s in range(0, len(pairs), 2 * args.batch_size):
         chunk = pairs[s:s + 2 * args.batch_size]
         policy_logps = pair_logps(policy, chunk, pad_token_id, device)
-        ref_logps = ref(chunk, range(s, s + len(chunk)))
+        ref_logps = ref(chunk, range(s, s + len(chunk)), "eval")
         metrics = dpo_metrics(*dpo_loss(*policy_logps, *ref_logps, args.beta, args.label_smoothing), *policy_logps)
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + v.item() * len(chunk)
+    policy.train(was_training)
     return {f"eval_{k}": v / len(pairs) for k, v in totals.items()}
 
 
-# ---------------------------------------------------------------- checkpoints (TRY NOT TO MODIFY)
+# ---------------------------------------------------------------- the run directory (TRY NOT TO MODIFY)
+def check_output_dir(args):
+    """Refuse, before anything is loaded or written, a directory this run may not use: a file, a read-only
+    place, another run's files without --resume, or --resume where no run is. Returns the newest checkpoint
+    to resume from, or None (a run killed before its first checkpoint restarts from step 0)."""
+    directory = args.output_dir
+    if directory and os.path.exists(directory) and not os.path.isdir(directory):
+        sys.exit(f"error: --output_dir {directory} is a file")
+    parent = directory if directory and os.path.isdir(directory) else os.path.dirname(os.path.abspath(directory or "runs"))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        sys.exit(f"error: --output_dir {directory}: cannot write in {parent}")
+    if args.resume:
+        if not os.path.exists(os.path.join(directory, "args.json")):
+            sys.exit(f"error: --resume: no run to continue in {directory} (no args.json)")
+        checkpoints = list_checkpoints(directory)
+        return checkpoints[-1] if checkpoints else None
+    if directory and os.path.isdir(directory) and os.listdir(directory):
+        sys.exit(f"error: --output_dir {directory} already holds files (another run?); pass --resume to continue "
+                 f"it, or choose another --output_dir")
+    return None
+
+
+def run_record(args, tokenizer):
+    """What the checkpoints and the reference cache depend on: every flag, and the content of every input."""
+    inputs = {name: fingerprint(getattr(args, name)) for name in ("model", "ref_model", "dataset", "eval_dataset")}
+    vocabulary = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.chat_template, tokenizer.eos_token])
+    inputs["tokenizer"] = hashlib.sha256(vocabulary.encode()).hexdigest()
+    return {"args": dataclasses.asdict(args), "inputs": inputs}
+
+
+def check_resume(args, record):
+    """A resumed run must have the flags and inputs of the run it continues, except RESUME_MAY_CHANGE."""
+    path = os.path.join(args.output_dir, "args.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except ValueError as e:
+        sys.exit(f"error: {path}: not the record of a run ({e})")
+    for section, values in record.items():
+        for name, value in values.items():
+            if name not in RESUME_MAY_CHANGE and saved.get(section, {}).get(name) != value:
+                what = f"--{name}" if section == "args" else f"the content of --{name}"
+                sys.exit(f"error: --resume: {what} differs from the run in {args.output_dir} ({saved.get(section, {}).get(name)!r} "
+                         f"there, {value!r} here); a resumed run may change only --max_steps, --eval_every, --save_every")
+
+
+def claim_output_dir(args, record):
+    """Make the directory this run's alone: args.json is linked into place, which fails if another run got there
+    first (then the default name takes a suffix; an explicit --output_dir is an error)."""
+    base = args.output_dir or time.strftime("runs/dpo-%Y%m%d-%H%M%S")
+    for n in range(1000):
+        directory = base if n == 0 else f"{base}-{n}"
+        try:
+            os.makedirs(directory, exist_ok=True)
+            tmp = os.path.join(directory, f".args-{os.getpid()}.json")
+            with open(tmp, "w") as f:
+                json.dump(record, f, indent=1)
+            try:
+                os.link(tmp, os.path.join(directory, "args.json"))  # atomic, and fails if the file exists
+            finally:
+                os.remove(tmp)
+            args.output_dir = directory
+            return directory
+        except FileExistsError:
+            if args.output_dir:
+                sys.exit(f"error: --output_dir {directory} was just taken by another run; choose another --output_dir")
+        except OSError as e:
+            sys.exit(f"error: --output_dir {directory}: {e}")
+
+
+# ---------------------------------------------------------------- checkpoints and metrics (TRY NOT TO MODIFY)
 def save_checkpoint(directory, policy, tokenizer, optimizer, scheduler, step):
-    """Write checkpoint-<step> into a temporary directory, then rename it: a kill leaves no half checkpoint."""
+    """Write checkpoint-<step> into a temporary directory, then rename it, then delete the older ones: a kill at
+    any instant leaves at least one complete checkpoint."""
+    final = os.path.join(directory, f"checkpoint-{step}")
+    if os.path.exists(final):
+        return final
     tmp = os.path.join(directory, f".tmp-checkpoint-{step}")
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp)  # safetensors
     tokenizer.save_pretrained(tmp)
+    crash_point("checkpoint")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                os.path.join(tmp, "training_state.pt"))
-    final = os.path.join(directory, f"checkpoint-{step}")
-    shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     for old in list_checkpoints(directory)[:-1]:  # keep only the newest
         shutil.rmtree(old)
@@ -198,175 +330,219 @@ def list_checkpoints(directory):
     return [os.path.join(directory, d) for d in sorted(found, key=lambda d: int(d.split("-")[1]))]
 
 
+def restore(checkpoint, optimizer, scheduler):
+    """Optimizer, scheduler and random state of a checkpoint; returns its step."""
+    state = torch.load(os.path.join(checkpoint, "training_state.pt"), weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    if state["cuda_rng"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    print(f"resuming from {checkpoint} at step {state['step']}")
+    return state["step"]
+
+
+def finished(directory, start_step, max_steps):
+    """The final model is written last, and its config.json last of all: present means the run completed."""
+    return start_step >= max_steps and os.path.exists(os.path.join(directory, "config.json"))
+
+
+def save_final(directory, policy, tokenizer):
+    """The final model in the output directory itself (so --model <output_dir> works), config.json last."""
+    tmp = os.path.join(directory, ".tmp-final")
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for name in sorted(os.listdir(tmp), key=lambda name: name == "config.json"):
+        os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+    os.rmdir(tmp)
+    print(f"saved the final model to {directory}")
+
+
+def open_metrics(directory, start_step):
+    """metrics.jsonl without what an interrupted run logged after its checkpoint; returns log(row), which puts
+    each row on disk before it returns."""
+    path = os.path.join(directory, "metrics.jsonl")
+    kept = []
+    if start_step and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                with contextlib.suppress(ValueError):  # a line cut short by a kill
+                    row = json.loads(line)
+                    kept += [line] if row["step"] <= start_step and not any(k.startswith("toy/") for k in row) else []
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    metrics_file = open(path, "a")
+
+    def log(row):
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        os.fsync(metrics_file.fileno())
+    return log
+
+
 def stop(message, directory):
     last = list_checkpoints(directory)
     raise SystemExit(f"error: {message}; stopping. Last good checkpoint: {last[-1] if last else 'none'}")
 
 
+@contextlib.contextmanager
+def interrupts(resume_command):
+    """SIGINT (Ctrl-C) and SIGTERM: while `stop_after_step` is set, ask the loop to stop after this step
+    (`requested`); otherwise, or a second time, stop at once. Either way the last line says how to continue."""
+    state = {"stop_after_step": False, "requested": None}
+
+    def handler(signum, frame):
+        if state["stop_after_step"] and not state["requested"]:
+            state["requested"] = signum
+            tqdm.write(f"{signal.Signals(signum).name}: stopping after this step (send it again to stop at once)")
+        else:
+            raise KeyboardInterrupt
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield state
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted. {resume_command() or 'Nothing was written.'}")
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def resume_command(args, argv):
+    """'Continue with: <the command line that continues this run>', or None before the run has its directory."""
+    if not args.output_dir or not os.path.exists(os.path.join(args.output_dir, "args.json")):
+        return None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv += [] if any(a.startswith(("--output_dir", "--output-dir")) for a in argv) else ["--output_dir", args.output_dir]
+    argv += [] if "--resume" in argv else ["--resume"]
+    return "Continue with: " + shlex.join(["python", os.path.basename(__file__), *argv])
+
+
+# ---------------------------------------------------------------- main
 def main(argv=None):
-    args = parse_args(argv)
-    given = dataclasses.asdict(args)  # as the user gave them, before the toy fills in its paths
-    # TRY NOT TO MODIFY: output directory, seeding
-    checkpoints = list_checkpoints(args.output_dir)
-    if args.resume and checkpoints:
-        with open(os.path.join(args.output_dir, "args.json")) as f:
-            saved = json.load(f)
-        changed = {k: (saved[k], v) for k, v in given.items()
-                   if k in saved and saved[k] != v and k not in ("resume", "max_steps", "output_dir")}
-        if changed:
-            print(f"warning: resuming with settings that differ from the original run: {changed}")
-    elif os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
-        sys.exit(f"error: --output_dir {args.output_dir} already holds files and no checkpoint-* to resume from "
-                 f"(another run?); choose another --output_dir" if args.resume else
-                 f"error: --output_dir {args.output_dir} already holds files (another run?); pass --resume to "
-                 f"continue it, or choose another --output_dir")
+    args = parse_args(argv)  # every flag checked; nothing read or written yet
+    checkpoint = check_output_dir(args)  # reads only
     random.seed(args.seed)
     torch.manual_seed(args.seed)
+    with interrupts(lambda: resume_command(args, argv)) as signals:
+        toy = None
+        if args.model is None:  # the built-in toy task
+            import toy
+            toy_dir = toy.ensure_built()
+            args.model, args.dataset = os.path.join(toy_dir, "sft"), os.path.join(toy_dir, "train_pairs.jsonl")
+            args.eval_dataset = args.eval_dataset or os.path.join(toy_dir, "test_pairs.jsonl")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+        train, held_out = load_data(args, tokenizer)
+        pairs_per_step = args.batch_size * args.grad_accum
+        steps_per_epoch = len(train) // pairs_per_step
+        if steps_per_epoch == 0:
+            sys.exit(f"error: --batch_size {args.batch_size} x --grad_accum {args.grad_accum} = {pairs_per_step} pairs "
+                     f"per step, but {args.dataset} gives only {len(train)} training pairs")
+        max_steps = args.max_steps or args.epochs * steps_per_epoch
+        if toy is None and args.warmup_steps > max_steps:
+            print(f"warning: --warmup_steps {args.warmup_steps} is longer than the run ({max_steps} steps): the "
+                  f"learning rate never reaches --learning_rate {args.learning_rate}")
+        record = run_record(args, tokenizer)
+        if args.resume:
+            check_resume(args, record)
+        policy = load_model(checkpoint or args.model, args.dtype, device, args.trust_remote_code)
+        if args.gradient_checkpointing:
+            enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
+            enable({"use_reentrant": False})  # the name since transformers 5.x; the old one before
+        reference = args.ref_model and load_model(args.ref_model, args.dtype, device, args.trust_remote_code)
+        if not args.resume:
+            claim_output_dir(args, record)  # only now: a run that fails on its inputs leaves nothing behind
 
-    toy = None
-    if args.model is None:
-        import toy
-        toy_dir = toy.ensure_built()
-        args.model = os.path.join(toy_dir, "sft")
-        args.dataset = args.dataset or os.path.join(toy_dir, "train_pairs.jsonl")
-        args.eval_dataset = args.eval_dataset or os.path.join(toy_dir, "test_pairs.jsonl")
-    if args.dataset is None:
-        sys.exit("error: --dataset is required with --model")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    policy = load_model(checkpoints[-1] if args.resume and checkpoints else args.model, args.dtype, device,
-                        args.trust_remote_code)
-    if args.gradient_checkpointing:
-        enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
-        enable({"use_reentrant": False})  # the name since transformers 5.x; the old one before
+        # the reference: a frozen model, or log-probs precomputed with the initial policy and kept with the run
+        if reference:
+            reference.eval().requires_grad_(False)
+            ref = lambda chunk, idx, split: pair_logps(reference, chunk, tokenizer.pad_token_id, device)
+        else:
+            if checkpoint and not os.path.exists(os.path.join(args.output_dir, "reference_logps.pt")):
+                sys.exit(f"error: {args.output_dir} has checkpoints but no reference_logps.pt; it cannot be resumed")
+            cache = reference_cache(args, policy, {"train": train, "eval": held_out}, record, tokenizer.pad_token_id, device)
+            ref = lambda chunk, idx, split: cache[split][list(idx)].to(device).unbind(-1)
 
-    # data
-    train = load_pairs(args.dataset, tokenizer, args, args.dataset_split)
-    if args.eval_dataset:
-        held_out = load_pairs(args.eval_dataset, tokenizer, args, "test")
-    else:
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
-        n_eval = max(1, min(args.max_eval_pairs, int(len(train) * args.eval_fraction)))
-        held_out, train = [train[i] for i in order[:n_eval]], [train[i] for i in order[n_eval:]]
-    held_out = held_out[:args.max_eval_pairs]
-    print(f"{len(train)} training pairs, {len(held_out)} held-out pairs")
-    os.makedirs(args.output_dir, exist_ok=True)  # only now: a run that fails on its inputs leaves nothing behind
-    if not checkpoints:
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(given, f, indent=1)
+        # optimizer, linear warm-up then constant (paper App. B)
+        if args.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+                                          fused=True)  # one kernel per step: 1.1-1.2x faster steps at vocab 128k (bench/)
+        else:
+            optimizer = torch.optim.RMSprop(policy.parameters(), lr=args.learning_rate)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
+        start_step = restore(checkpoint, optimizer, scheduler) if checkpoint else 0
+        if finished(args.output_dir, start_step, max_steps):
+            print(f"{args.output_dir}: this run is complete ({start_step} steps); nothing to do")
+            return
 
-    # the reference: precomputed log-probs (saved with the run, so a resumed run reuses them) or a frozen model
-    if args.ref_model:
-        reference = load_model(args.ref_model, args.dtype, device, args.trust_remote_code).eval().requires_grad_(False)
-        ref = lambda chunk, idx: pair_logps(reference, chunk, tokenizer.pad_token_id, device)
-        ref_eval = ref
-    else:
-        path = os.path.join(args.output_dir, "reference_logps.pt")
-        if not os.path.exists(path):
-            cache = {"train": reference_logps(policy, train, args, tokenizer.pad_token_id, device),
-                     "eval": reference_logps(policy, held_out, args, tokenizer.pad_token_id, device)}
-            torch.save(cache, path + ".tmp")
-            os.replace(path + ".tmp", path)
-        cache = torch.load(path)
-        ref = lambda chunk, idx: cache["train"][list(idx)].to(device).unbind(-1)
-        ref_eval = lambda chunk, idx: cache["eval"][list(idx)].to(device).unbind(-1)
+        if toy:  # the toy's gold reward, length and KL of samples before training
+            toy_reference = load_model(args.ref_model or args.model, args.dtype, device).eval()
+            toy_prompts = toy.test_prompts(toy_dir)
+            before = toy.evaluate(toy_reference, toy_reference, tokenizer, toy_prompts, seed=args.seed)
 
-    # optimizer, linear warm-up then constant (paper App. B)
-    if args.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-                                      fused=True)  # one kernel per step: 1.1-1.2x faster steps at vocab 128k (bench/)
-    else:
-        optimizer = torch.optim.RMSprop(policy.parameters(), lr=args.learning_rate)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
-    pairs_per_step = args.batch_size * args.grad_accum
-    steps_per_epoch = len(train) // pairs_per_step
-    if steps_per_epoch == 0:
-        sys.exit(f"error: {len(train)} training pairs are fewer than one step's batch_size x grad_accum = {pairs_per_step}")
-    max_steps = args.max_steps or args.epochs * steps_per_epoch
-    start_step = 0
-    if args.resume and checkpoints:
-        state = torch.load(os.path.join(checkpoints[-1], "training_state.pt"), weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        if state["cuda_rng"] is not None:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        start_step = state["step"]
-        print(f"resuming from {checkpoints[-1]} at step {start_step}")
+        # ---------------------------------------------------------------- the training loop
+        log = open_metrics(args.output_dir, start_step)  # forgets what a killed run logged after its checkpoint
+        if start_step == 0:
+            log({"step": 0, **evaluate(policy, held_out, ref, args, tokenizer.pad_token_id, device)})
+        policy.train()
+        signals["stop_after_step"] = True  # from here Ctrl-C / SIGTERM finish the step and save first
+        save_seconds = 3 * sum(p.numel() * p.element_size() for p in policy.parameters()) / 2e8  # a guess at 200 MB/s
+        bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc="dpo")
+        for step in bar:
+            epoch, position = divmod(step, steps_per_epoch)  # the data position follows from the step: resumable
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed + 1 + epoch))
+            indices = order[position * pairs_per_step:(position + 1) * pairs_per_step].tolist()
+            sums = {}
+            for micro in range(args.grad_accum):
+                idx = indices[micro * args.batch_size:(micro + 1) * args.batch_size]
+                chunk = [train[i] for i in idx]
+                policy_chosen_logps, policy_rejected_logps = pair_logps(policy, chunk, tokenizer.pad_token_id, device)
+                reference_chosen_logps, reference_rejected_logps = ref(chunk, idx, "train")
+                losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen_logps, policy_rejected_logps,
+                                                                    reference_chosen_logps, reference_rejected_logps,
+                                                                    args.beta, args.label_smoothing)
+                (losses.mean() / args.grad_accum).backward()
+                metrics = dpo_metrics(losses.detach(), chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
+                sums = {k: sums.get(k, 0) + v / args.grad_accum for k, v in metrics.items()}
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            values = torch.stack([*sums.values(), grad_norm.float()]).tolist()  # the step's one host sync
+            row = dict(zip([*sums, "grad_norm"], values))
+            if not all(map(math.isfinite, values)):
+                stop(f"non-finite loss or gradient at step {step + 1} ({row})", args.output_dir)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            crash_point("step")
+            row.update(step=step + 1, epoch=round((step + 1) / steps_per_epoch, 3), learning_rate=scheduler.get_last_lr()[0])
+            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
+            if (step + 1) % args.eval_every == 0 or step + 1 == max_steps:
+                row.update(evaluate(policy, held_out, ref, args, tokenizer.pad_token_id, device))
+                tqdm.write(f"step {step + 1}: eval loss {row['eval_loss']:.4f}, "
+                           f"accuracy {row['eval_rewards/accuracies']:.3f}, margin {row['eval_rewards/margins']:.3f}")
+            log(row)
+            if (step + 1) % args.save_every == 0 or step + 1 == max_steps or signals["requested"] and save_seconds < 10:
+                started = time.time()
+                save_checkpoint(args.output_dir, policy, tokenizer, optimizer, scheduler, step + 1)
+                save_seconds = time.time() - started
+            if signals["requested"]:
+                bar.close()
+                print(f"stopped after step {step + 1}; newest checkpoint: {list_checkpoints(args.output_dir)[-1]}. "
+                      f"{resume_command(args, argv)}", file=sys.stderr)
+                raise SystemExit(128 + signals["requested"])
+        signals["stop_after_step"] = False
 
-    if toy:  # the toy's gold reward, length and KL of samples before training
-        toy_reference = load_model(args.ref_model or args.model, args.dtype, device).eval()
-        toy_prompts = toy.test_prompts(toy_dir)
-        before = toy.evaluate(toy_reference, toy_reference, tokenizer, toy_prompts, seed=args.seed)
-
-    # ---------------------------------------------------------------- the training loop
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    if start_step:  # forget what the interrupted run logged after its last checkpoint
-        with open(metrics_path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= start_step]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
-    metrics_file = open(metrics_path, "a")
-    log = lambda row: metrics_file.write(json.dumps(row) + "\n") or metrics_file.flush()
-    if start_step == 0:
-        log({"step": 0, **evaluate(policy, held_out, ref_eval, args, tokenizer.pad_token_id, device)})
-    policy.train()
-    bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc="dpo")
-    for step in bar:
-        epoch, position = divmod(step, steps_per_epoch)  # the data position follows from the step: resumable
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed + 1 + epoch))
-        indices = order[position * pairs_per_step:(position + 1) * pairs_per_step].tolist()
-        sums = {}
-        for micro in range(args.grad_accum):
-            idx = indices[micro * args.batch_size:(micro + 1) * args.batch_size]
-            chunk = [train[i] for i in idx]
-            policy_chosen_logps, policy_rejected_logps = pair_logps(policy, chunk, tokenizer.pad_token_id, device)
-            reference_chosen_logps, reference_rejected_logps = ref(chunk, idx)
-            losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen_logps, policy_rejected_logps,
-                                                                reference_chosen_logps, reference_rejected_logps,
-                                                                args.beta, args.label_smoothing)
-            (losses.mean() / args.grad_accum).backward()
-            metrics = dpo_metrics(losses.detach(), chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
-            sums = {k: sums.get(k, 0) + v / args.grad_accum for k, v in metrics.items()}
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-        values = torch.stack([*sums.values(), grad_norm.float()]).tolist()  # the step's one host sync
-        row = dict(zip([*sums, "grad_norm"], values))
-        if not all(map(math.isfinite, values)):
-            stop(f"non-finite loss or gradient at step {step + 1} ({row})", args.output_dir)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        row.update(step=step + 1, epoch=round((step + 1) / steps_per_epoch, 3), learning_rate=scheduler.get_last_lr()[0])
-        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
-        if (step + 1) % args.eval_every == 0 or step + 1 == max_steps:
-            row.update(evaluate(policy, held_out, ref_eval, args, tokenizer.pad_token_id, device))
-            policy.train()
-            tqdm.write(f"step {step + 1}: eval loss {row['eval_loss']:.4f}, "
-                       f"accuracy {row['eval_rewards/accuracies']:.3f}, margin {row['eval_rewards/margins']:.3f}")
-        log(row)
-        if (step + 1) % args.save_every == 0 or step + 1 == max_steps:
-            save_checkpoint(args.output_dir, policy, tokenizer, optimizer, scheduler, step + 1)
-
-    # the final model, in the output directory itself (so --model <output_dir> works), written atomically
-    tmp = os.path.join(args.output_dir, ".tmp-final")
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    for name in os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(args.output_dir, name))
-    os.rmdir(tmp)
-    print(f"saved the final model to {args.output_dir}")
-
-    if toy:
-        after = toy.evaluate(policy, toy_reference, tokenizer, toy_prompts, seed=args.seed)
-        log({"step": max_steps, **{f"toy/{k}_before": v for k, v in before.items()},
-             **{f"toy/{k}_after": v for k, v in after.items()}})
-        print(f"toy task, {len(toy_prompts)} test prompts, one sample each:\n"
-              f"  gold reward {before['gold_reward']:+.3f} -> {after['gold_reward']:+.3f}   "
-              f"length {before['length']:.1f} -> {after['length']:.1f} words   "
-              f"KL(policy || reference) {before['kl']:.2f} -> {after['kl']:.2f} nats")
-    metrics_file.close()
+        if toy:
+            after = toy.evaluate(policy, toy_reference, tokenizer, toy_prompts, seed=args.seed)
+            log({"step": max_steps, **{f"toy/{k}_before": v for k, v in before.items()},
+                 **{f"toy/{k}_after": v for k, v in after.items()}})
+            print(f"toy task, {len(toy_prompts)} test prompts, one sample each:\n"
+                  f"  gold reward {before['gold_reward']:+.3f} -> {after['gold_reward']:+.3f}   "
+                  f"length {before['length']:.1f} -> {after['length']:.1f} words   "
+                  f"KL(policy || reference) {before['kl']:.2f} -> {after['kl']:.2f} nats")
+        save_final(args.output_dir, policy, tokenizer)  # last: its presence marks the run complete
 
 
 if __name__ == "__main__":

@@ -2,8 +2,7 @@
 import json
 import math
 import os
-import subprocess
-import sys
+import shutil
 
 import pytest
 import torch
@@ -26,6 +25,15 @@ def test_loss_is_log2_with_zero_rewards_when_policy_equals_reference():
     assert metrics["loss"].item() == pytest.approx(math.log(2), abs=1e-6)
     assert metrics["rewards/accuracies"].item() == 0.0
     assert metrics["rewards/margins"].item() == 0.0
+    # away from h = 0 the loss is -log sigmoid(beta h): below log 2 when the chosen response gained (h = +2),
+    # above when it lost (h = -2); a flipped sign or a missing beta gives other numbers
+    chosen, rejected = policy[0].detach(), policy[1].detach()
+    for shift, h in ((1.0, 2.0), (-1.0, -2.0)):
+        losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(chosen, rejected, chosen - shift, rejected + shift, beta=0.1)
+        assert losses.tolist() == pytest.approx([math.log(1 + math.exp(-0.1 * h))] * 2, rel=1e-6)
+        metrics = dpo.dpo_metrics(losses, chosen_rewards, rejected_rewards, chosen, rejected)
+        assert metrics["rewards/margins"].item() == pytest.approx(0.1 * h, rel=1e-5)
+        assert metrics["rewards/accuracies"].item() == (1.0 if h > 0 else 0.0)
 
 
 def test_cdpo_matches_the_closed_form():
@@ -91,13 +99,19 @@ def test_toy_run_improves_held_out_reward_accuracy_and_gold_reward(toy_dir, tmp_
     assert os.path.exists(os.path.join(out, "model.safetensors")) and os.path.exists(os.path.join(out, "args.json"))
 
 
-def test_resumed_run_ends_with_the_same_weights(toy_dir, tmp_path):
+def test_resumed_run_ends_with_the_same_weights(toy_dir, tmp_path, monkeypatch):
+    # The loss is scaled by a random factor drawn from torch's global RNG, so the weights depend on the RNG
+    # stream: a resume that does not restore the RNG state ends elsewhere. 63 training pairs at 8 a step make
+    # 7 steps an epoch: the resumed part (steps 6-10) crosses into the second epoch, whose order differs.
+    loss = dpo.dpo_loss
+    monkeypatch.setattr(dpo, "dpo_loss", lambda *a, **k: (lambda l, c, r: (l * (1 + torch.rand(())), c, r))(*loss(*a, **k)))
     data = small_dataset(toy_dir, tmp_path)
     common = ["--model", os.path.join(toy_dir, "sft"), "--dataset", data, "--batch_size", "4", "--grad_accum", "2",
               "--learning_rate", "1e-3", "--warmup_steps", "2", "--eval_every", "100", "--save_every", "3"]
-    dpo.main(common + ["--output_dir", str(tmp_path / "a"), "--max_steps", "6"])
-    dpo.main(common + ["--output_dir", str(tmp_path / "b"), "--max_steps", "3"])
-    dpo.main(common + ["--output_dir", str(tmp_path / "b"), "--max_steps", "6", "--resume"])
+    dpo.main(common + ["--output_dir", str(tmp_path / "a"), "--max_steps", "10"])
+    dpo.main(common + ["--output_dir", str(tmp_path / "b"), "--max_steps", "5"])
+    shutil.rmtree(tmp_path / "b" / "checkpoint-5")  # as if killed after step 5: the newest checkpoint is step 3
+    dpo.main(common + ["--output_dir", str(tmp_path / "b"), "--max_steps", "10", "--resume"])
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     initial = load_file(os.path.join(toy_dir, "sft", "model.safetensors"))
     assert a.keys() == b.keys()
@@ -105,7 +119,8 @@ def test_resumed_run_ends_with_the_same_weights(toy_dir, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     steps = [r["step"] for r in read_metrics(str(tmp_path / "b")) if "grad_norm" in r]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    assert steps == list(range(1, 11))
+    assert [r["epoch"] for r in read_metrics(str(tmp_path / "b")) if "grad_norm" in r][6:8] == [1.0, 1.143]
 
 
 def test_precomputed_reference_trains_like_a_frozen_reference_model(toy_dir, tmp_path):
@@ -123,75 +138,30 @@ def test_precomputed_reference_trains_like_a_frozen_reference_model(toy_dir, tmp
     assert not os.path.exists(tmp_path / "ref" / "reference_logps.pt")
 
 
-def test_gradient_checkpointing_trains_like_the_plain_run(toy_dir, tmp_path):
+def test_gradient_checkpointing_trains_like_the_plain_run(toy_dir, tmp_path, monkeypatch):
+    calls = {}  # training-mode calls of the first decoder layer's MLP, per run (module hooks do not see the
+    # recomputation in backward, so the MLP's forward itself is wrapped)
+
+    def counting_load_model(*a, **k):
+        model = load_model(*a, **k)
+        run, mlp = len(calls), model.model.layers[0].mlp
+        calls[run], forward = 0, mlp.forward
+        mlp.forward = lambda *x, **y: calls.__setitem__(run, calls[run] + mlp.training) or forward(*x, **y)
+        return model
+    load_model = dpo.load_model
+    monkeypatch.setattr(dpo, "load_model", counting_load_model)
     data = small_dataset(toy_dir, tmp_path)
     common = ["--model", os.path.join(toy_dir, "sft"), "--dataset", data, "--batch_size", "4", "--grad_accum", "1",
               "--learning_rate", "1e-3", "--warmup_steps", "1", "--eval_every", "3", "--max_steps", "4"]
     dpo.main(common + ["--output_dir", str(tmp_path / "plain")])
     dpo.main(common + ["--output_dir", str(tmp_path / "ckpt"), "--gradient_checkpointing"])
+    assert calls == {0: 4, 1: 8}  # 4 training forwards; with checkpointing each is run again in backward
     plain, ckpt = read_metrics(str(tmp_path / "plain")), read_metrics(str(tmp_path / "ckpt"))
     assert len(plain) == len(ckpt) >= 4
     for a, b in zip(plain, ckpt):
         for k in ("loss", "grad_norm", "rewards/margins", "eval_loss"):
             if k in a:
                 assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (a["step"], k)
-
-
-# ---------------------------------------------------------------- bad input
-def write_rows(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-GOOD = {"prompt": "the movie was", "chosen": " great .", "rejected": " dull ."}
-
-
-def run_cli(toy_dir, data, out, *extra):
-    cmd = [sys.executable, os.path.join(ROOT, "dpo.py"), "--model", os.path.join(toy_dir, "sft"), "--dataset", data,
-           "--output_dir", out, "--batch_size", "2", "--grad_accum", "1", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-
-def test_missing_column_exits_nonzero_naming_file_and_field(toy_dir, tmp_path):
-    data = write_rows(tmp_path / "bad.jsonl", [{"prompt": "a", "chosen": "b"}])
-    result = run_cli(toy_dir, data, str(tmp_path / "out"))
-    assert result.returncode != 0
-    assert "bad.jsonl" in result.stderr and "missing field 'rejected'" in result.stderr
-    assert not os.path.exists(tmp_path / "out")  # nothing left behind: the corrected rerun can use the same directory
-
-
-def test_wrong_type_stops_naming_row_and_field(toy_dir, tmp_path):
-    data = write_rows(tmp_path / "bad.jsonl", [GOOD] * 3 + [{**GOOD, "rejected": ["not", "messages"]}])
-    with pytest.raises(SystemExit, match=r"bad\.jsonl: row 3: field 'rejected'"):
-        dpo.main(["--model", os.path.join(toy_dir, "sft"), "--dataset", data, "--output_dir", str(tmp_path / "o")])
-
-
-def test_unusable_rows_are_dropped_and_counted(toy_dir, tmp_path, capsys):
-    rows = [GOOD] * 6 + [{**GOOD, "chosen": ""}, {**GOOD, "rejected": GOOD["chosen"]},
-                         {**GOOD, "prompt": "the movie was " * 60}, {**GOOD, "prompt": "  "}]
-    data = write_rows(tmp_path / "d.jsonl", rows)
-    dpo.main(["--model", os.path.join(toy_dir, "sft"), "--dataset", data, "--output_dir", str(tmp_path / "o"),
-              "--max_length", "64", "--batch_size", "2", "--grad_accum", "1", "--max_steps", "1", "--eval_fraction", "0.2"])
-    out = capsys.readouterr().out
-    assert "dropped 2 of 10 rows (empty prompt or response): rows 6, 9" in out
-    assert "dropped 1 of 10 rows (chosen identical to rejected): rows 7" in out
-    assert "dropped 1 of 10 rows (prompt alone longer than --max_length): rows 8" in out
-
-
-def test_nothing_usable_is_an_error(toy_dir, tmp_path):
-    data = write_rows(tmp_path / "d.jsonl", [{**GOOD, "chosen": GOOD["rejected"]}] * 3)
-    with pytest.raises(SystemExit, match="no usable rows"):
-        dpo.main(["--model", os.path.join(toy_dir, "sft"), "--dataset", data, "--output_dir", str(tmp_path / "o")])
-
-
-def test_output_dir_of_another_run_is_not_overwritten(toy_dir, tmp_path):
-    out = tmp_path / "o"
-    out.mkdir()
-    (out / "precious.txt").write_text("keep me")
-    data = write_rows(tmp_path / "d.jsonl", [GOOD] * 8)
-    result = run_cli(toy_dir, data, str(out), "--max_steps", "1")
-    assert result.returncode != 0 and "already holds files" in result.stderr
-    assert os.listdir(out) == ["precious.txt"] and (out / "precious.txt").read_text() == "keep me"
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(toy_dir, tmp_path):

@@ -52,6 +52,21 @@ def test_bf16_weight_gradient_of_a_large_vocabulary_matches_fp32():
     torch.testing.assert_close(got.float(), expected, atol=1e-2, rtol=5e-2)  # bf16 logits
 
 
+def test_float64_stays_float64_and_passes_gradcheck():
+    """fp64 inputs are computed in fp64: values to 1e-12 of a naive fp64 computation, and finite differences."""
+    torch.manual_seed(0)
+    N, H, V = 7, 4, 13
+    hidden, weight, bias = (torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+                            for shape in ((N, H), (V, H), (V,)))
+    labels = torch.randint(V, (N,))
+    expected = (hidden @ weight.t() + bias).log_softmax(-1).gather(-1, labels[:, None]).squeeze(-1)  # (N,) fp64
+    for chunk in (1, 4, 100):
+        got = token_logps(hidden, weight, bias, labels, chunk_size=chunk)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+        assert torch.autograd.gradcheck(lambda h, w, b: token_logps(h, w, b, labels, chunk), (hidden, weight, bias))
+
+
 def random_rows(rng, n, vocab):
     """Random prompt and response lengths, so padding and response positions differ per row."""
     return [([rng.randrange(2, vocab) for _ in range(rng.randint(1, 9))],
@@ -116,13 +131,34 @@ def naive_tail(model, prompt, response):
     return sum(lp[len(prompt) + j - 1, response[j]] for j in range(1, len(response)))
 
 
-def test_models_that_transform_logits_after_the_head_take_the_plain_path():
-    """Gemma-2 soft-caps its logits after the LM head: the fused path would be wrong, the fallback must match."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+def tiny_model(family):
+    """A random 2-layer model of a family (hidden 32, vocab 300), in eval mode: GPT-2's dropout is on by default."""
+    import transformers as T
     torch.manual_seed(0)
-    config = Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=8, final_logit_softcapping=0.5, pad_token_id=1)
-    model = Gemma2ForCausalLM(config)
-    batch = collate(random_rows(random.Random(2), 4, 300), pad_token_id=1)
+    size = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, pad_token_id=1)
+    config = {"llama": lambda: T.LlamaConfig(**size),
+              "gpt2": lambda: T.GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4, n_positions=128, eos_token_id=0),
+              "opt": lambda: T.OPTConfig(vocab_size=300, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                         num_attention_heads=4, pad_token_id=1),
+              "gemma2": lambda: T.Gemma2Config(**size, head_dim=8, final_logit_softcapping=0.5),  # tanh cap
+              "granite": lambda: T.GraniteConfig(**size, logits_scaling=4.0),  # logits / 4
+              "cohere": lambda: T.CohereConfig(**size, logit_scale=0.25),  # logits * 0.25
+              "falcon_h1": lambda: T.FalconH1Config(**size, head_dim=8, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8,
+                                                    mamba_d_state=8, mamba_chunk_size=16, lm_head_multiplier=3.0),
+              }[family]()
+    return T.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("family,plain_head", [("llama", True), ("gpt2", True), ("opt", True), ("gemma2", False),
+                                               ("granite", False), ("cohere", False), ("falcon_h1", False)])
+def test_sequence_logps_matches_the_models_own_logits(family, plain_head, capsys):
+    """Whatever a family does after its LM head, the log-probs are those of model(...).logits; a model whose
+    head is plain keeps the fused path, one that transforms its logits is told once and takes the full logits."""
+    model = tiny_model(family)
+    batch = collate(random_rows(random.Random(2), 5, 300), pad_token_id=1)
     expected, _ = naive_sequence_logps(model, batch)
-    torch.testing.assert_close(sequence_logps(model, batch)[0], expected, atol=1e-4, rtol=1e-4)
+    for _ in range(2):
+        torch.testing.assert_close(sequence_logps(model, batch)[0], expected, atol=1e-5, rtol=1e-5)
+    said = capsys.readouterr().out
+    assert said.count("transforms the LM head's logits") == (0 if plain_head else 1), said
