@@ -92,7 +92,7 @@ ARG_CHECKS = dict(batch_size=at_least_1, grad_accum=at_least_1, epochs=at_least_
                   learning_rate=positive, beta=positive, max_grad_norm=positive,
                   eval_fraction=(lambda v: 0 < v < 1, "between 0 and 1"),
                   label_smoothing=(lambda v: 0 <= v < 0.5, "in [0, 0.5)"))
-RESUME_MAY_CHANGE = ("max_steps", "eval_every", "save_every", "resume")  # every other flag must match the run's
+RESUME_MAY_CHANGE = ("max_steps", "eval_every", "save_every")  # every other flag must match the run's
 
 
 # ---------------------------------------------------------------- arguments (TRY NOT TO MODIFY)
@@ -113,7 +113,7 @@ def parse_args(argv=None):
         if not ok(getattr(args, name)):
             sys.exit(f"error: --{name} must be {expected} (got {getattr(args, name)})")
     if args.dataset and not args.model:
-        sys.exit("error: --dataset needs --model (without --model, dpo.py trains the toy model on the toy data)")
+        sys.exit("error: --dataset needs --model (without --model, the built-in toy task runs on its own data)")
     if args.resume and not args.output_dir:
         sys.exit("error: --resume needs the --output_dir of the run to continue")
     return args
@@ -260,7 +260,8 @@ def run_record(args, tokenizer):
     inputs = {name: fingerprint(getattr(args, name)) for name in ("model", "ref_model", "dataset", "eval_dataset")}
     vocabulary = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.chat_template, tokenizer.eos_token])
     inputs["tokenizer"] = hashlib.sha256(vocabulary.encode()).hexdigest()
-    return {"args": dataclasses.asdict(args), "inputs": inputs}
+    flags = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("output_dir", "resume")}  # not the run's
+    return {"args": flags, "inputs": inputs}
 
 
 def check_resume(args, record):
@@ -282,7 +283,7 @@ def check_resume(args, record):
 def claim_output_dir(args, record):
     """Make the directory this run's alone: args.json is linked into place, which fails if another run got there
     first (then the default name takes a suffix; an explicit --output_dir is an error)."""
-    base = args.output_dir or time.strftime("runs/dpo-%Y%m%d-%H%M%S")
+    base = args.output_dir or time.strftime(f"runs/{os.path.basename(__file__)[:-3]}-%Y%m%d-%H%M%S")
     for n in range(1000):
         directory = base if n == 0 else f"{base}-{n}"
         try:
@@ -414,10 +415,9 @@ def resume_command(args, argv):
     """'Continue with: <the command line that continues this run>', or None before the run has its directory."""
     if not args.output_dir or not os.path.exists(os.path.join(args.output_dir, "args.json")):
         return None
-    argv = list(sys.argv[1:] if argv is None else argv)
-    argv += [] if any(a.startswith(("--output_dir", "--output-dir")) for a in argv) else ["--output_dir", args.output_dir]
-    argv += [] if "--resume" in argv else ["--resume"]
-    return "Continue with: " + shlex.join(["python", os.path.basename(__file__), *argv])
+    command = [sys.argv[0], *sys.argv[1:]] if argv is None else [os.path.basename(__file__), *argv]
+    command += [] if any(a.startswith(("--output_dir", "--output-dir")) for a in command) else ["--output_dir", args.output_dir]
+    return "Continue with: " + shlex.join(["python", *command] + ([] if "--resume" in command else ["--resume"]))
 
 
 # ---------------------------------------------------------------- main

@@ -114,8 +114,9 @@ def test_sigterm_saves_a_checkpoint_and_prints_the_command_that_resumes(script, 
     step = metric_steps(out)[0][-1]
     assert os.path.isdir(out / f"checkpoint-{step}")  # saved at the step it stopped after
     command = stderr.strip().splitlines()[-1].split("Continue with: ")[1]
-    assert command.startswith(f"python {script} ") and command.endswith("--resume")
-    resumed = run(script, command.split()[2:] + ["--max_steps", str(step + 2)])
+    python, path, *resume_args = command.split()
+    assert python == "python" and path.endswith(script) and resume_args[-1] == "--resume"
+    resumed = run(script, resume_args + ["--max_steps", str(step + 2)])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert metric_steps(out)[0] == list(range(1, step + 3))
 
@@ -146,7 +147,7 @@ def test_resume_refuses_changed_settings_and_inputs(script, toy_dir, data, tmp_p
 def test_runs_started_together_never_share_a_directory(script, tmp_path, monkeypatch):
     module = importlib.import_module(script[:-3])
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(time, "strftime", lambda fmt: "runs/x-same-second")
+    monkeypatch.setattr(time, "strftime", lambda fmt: "runs/x-same-second")  # two runs in one second
     first, second = module.parse_args([]), module.parse_args([])
     assert module.claim_output_dir(first, {}) == "runs/x-same-second"
     assert module.claim_output_dir(second, {}) == "runs/x-same-second-1"
