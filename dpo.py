@@ -424,8 +424,6 @@ def resume_command(args, argv):
 def main(argv=None):
     args = parse_args(argv)  # every flag checked; nothing read or written yet
     checkpoint = check_output_dir(args)  # reads only
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
     with interrupts(lambda: resume_command(args, argv)) as signals:
         toy = None
         if args.model is None:  # the built-in toy task
@@ -448,16 +446,18 @@ def main(argv=None):
         record = run_record(args, tokenizer)
         if args.resume:
             check_resume(args, record)
+        random.seed(args.seed)
+        torch.manual_seed(args.seed)
         policy = load_model(checkpoint or args.model, args.dtype, device, args.trust_remote_code)
         if args.gradient_checkpointing:
             enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
             enable({"use_reentrant": False})  # the name since transformers 5.x; the old one before
-        reference = args.ref_model and load_model(args.ref_model, args.dtype, device, args.trust_remote_code)
+        reference = load_model(args.ref_model, args.dtype, device, args.trust_remote_code) if args.ref_model else None
         if not args.resume:
             claim_output_dir(args, record)  # only now: a run that fails on its inputs leaves nothing behind
 
         # the reference: a frozen model, or log-probs precomputed with the initial policy and kept with the run
-        if reference:
+        if reference is not None:
             reference.eval().requires_grad_(False)
             ref = lambda chunk, idx, split: pair_logps(reference, chunk, tokenizer.pad_token_id, device)
         else:
@@ -529,7 +529,8 @@ def main(argv=None):
                 save_seconds = time.time() - started
             if signals["requested"]:
                 bar.close()
-                print(f"stopped after step {step + 1}; newest checkpoint: {list_checkpoints(args.output_dir)[-1]}. "
+                print(f"stopped after step {step + 1}; newest checkpoint: "
+                      f"{(list_checkpoints(args.output_dir) or ['none (a resume starts at step 0)'])[-1]}. "
                       f"{resume_command(args, argv)}", file=sys.stderr)
                 raise SystemExit(128 + signals["requested"])
         signals["stop_after_step"] = False
