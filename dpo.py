@@ -277,7 +277,7 @@ def check_resume(args, record):
             if name not in RESUME_MAY_CHANGE and saved.get(section, {}).get(name) != value:
                 what = f"--{name}" if section == "args" else f"the content of --{name}"
                 sys.exit(f"error: --resume: {what} differs from the run in {args.output_dir} ({saved.get(section, {}).get(name)!r} "
-                         f"there, {value!r} here); a resumed run may change only --max_steps, --eval_every, --save_every")
+                         f"there, {value!r} here); a resumed run may change only --{', --'.join(RESUME_MAY_CHANGE)}")
 
 
 def claim_output_dir(args, record):
@@ -531,7 +531,7 @@ def main(argv=None):
                 bar.close()
                 print(f"stopped after step {step + 1}; newest checkpoint: "
                       f"{(list_checkpoints(args.output_dir) or ['none (a resume starts at step 0)'])[-1]}. "
-                      f"{resume_command(args, argv)}", file=sys.stderr)
+                      f"{resume_command(args, argv) or ''}", file=sys.stderr)
                 raise SystemExit(128 + signals["requested"])
         signals["stop_after_step"] = False
 

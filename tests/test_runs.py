@@ -4,7 +4,8 @@ before anything is written; a run never shares or overwrites another run's direc
 
 A new algorithm script joins every test here by adding its file name to SCRIPTS (it must accept the shared
 flags, have main(argv) and claim_output_dir(args, record), and call common.crash_point at "reference",
-"step" and "checkpoint")."""
+"step" and "checkpoint"), with the flags it needs besides the shared ones in EXTRA_FLAGS and, if its training
+loop writes checkpoints and metrics.jsonl in a subdirectory of --output_dir, that subdirectory in TRAINING_DIR."""
 import contextlib
 import importlib
 import json
@@ -19,10 +20,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import load_file
 
+import toy
 from conftest import ROOT
 
-SCRIPTS = ["dpo.py"]
+SCRIPTS = ["dpo.py", "dice.py", "pointwise_dpo.py"]
+EXTRA_FLAGS = {"dice.py": ["--ref_model", os.path.join(toy.DEFAULT_DIR, "sft"), "--rounds", "1", "--num_samples", "4",
+                           "--min_valid", "2", "--max_prompts", "12"]}  # one round on the SFT model's own samples
+TRAINING_DIR = {"dice.py": "round_1"}
+
+
+def trained(script, out):
+    """Where a script's run in `out` keeps its checkpoints and metrics.jsonl."""
+    return out / TRAINING_DIR.get(script, "")
 GOOD = {"prompt": "the movie was", "chosen": " great .", "rejected": " dull ."}
+# bad_inputs() cases that a script words differently or does not have (None: skipped); pairs read as 2 rows a pair
+BAD_INPUT_OVERRIDES = {"pointwise_dpo.py": {"label_smoothing 0.5": None,
+                                            "grad_accum too large": ([GOOD] * 8, ["--grad_accum", "100"],
+                                                                     ["--grad_accum 100", "only 15 training rows"])}}
 
 
 def write_rows(path, rows):
@@ -50,7 +64,8 @@ def run(script, args, crash_at=None, **kwargs):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("DPO_CRASH_AT", None)
     env.update({"DPO_CRASH_AT": crash_at} if crash_at else {})
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args, *EXTRA_FLAGS.get(script, [])],
+                          capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=600, **kwargs)
 
 
@@ -89,13 +104,13 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_weights(script, toy_
         assert got.keys() == expected.keys()
         for k in expected:
             assert (got[k] == expected[k]).all(), (point, k)  # bitwise on the CPU
-        assert metric_steps(out) == ([1, 2, 3, 4, 5, 6, 7, 8], [0, 4, 8]), point  # every step logged once
-        assert [d for d in os.listdir(out) if d.startswith("checkpoint-")] == ["checkpoint-8"]
+        assert metric_steps(trained(script, out)) == ([1, 2, 3, 4, 5, 6, 7, 8], [0, 4, 8]), point  # every step logged once
+        assert [d for d in os.listdir(trained(script, out)) if d.startswith("checkpoint-")] == ["checkpoint-8"]
     # a finished run resumed again does nothing and appends nothing
-    before = (tmp_path / "baseline" / "metrics.jsonl").read_bytes()
+    before = (trained(script, tmp_path / "baseline") / "metrics.jsonl").read_bytes()
     done = run(script, flags(toy_dir, data, tmp_path / "baseline", "--resume"))
     assert done.returncode == 0 and "nothing to do" in done.stdout
-    assert (tmp_path / "baseline" / "metrics.jsonl").read_bytes() == before
+    assert (trained(script, tmp_path / "baseline") / "metrics.jsonl").read_bytes() == before
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -103,22 +118,22 @@ def test_sigterm_saves_a_checkpoint_and_prints_the_command_that_resumes(script, 
     out = tmp_path / "run"
     args = flags(toy_dir, data, out)[:-2] + ["--max_steps", "100000", "--save_every", "100000", "--eval_every", "100000"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=env,
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args, *EXTRA_FLAGS.get(script, [])], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline and len(training_rows(out)) < 2:  # signalled mid-training
+    while time.time() < deadline and len(training_rows(trained(script, out))) < 2:  # signalled mid-training
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
-    step = metric_steps(out)[0][-1]
-    assert os.path.isdir(out / f"checkpoint-{step}")  # saved at the step it stopped after
+    step = metric_steps(trained(script, out))[0][-1]
+    assert os.path.isdir(trained(script, out) / f"checkpoint-{step}")  # saved at the step it stopped after
     command = stderr.strip().splitlines()[-1].split("Continue with: ")[1]
     python, path, *resume_args = command.split()
     assert python == "python" and path.endswith(script) and resume_args[-1] == "--resume"
     resumed = run(script, resume_args + ["--max_steps", str(step + 2)])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert metric_steps(out)[0] == list(range(1, step + 3))
+    assert metric_steps(trained(script, out))[0] == list(range(1, step + 3))
 
 
 # ---------------------------------------------------------------- one run, one directory
@@ -140,7 +155,7 @@ def test_resume_refuses_changed_settings_and_inputs(script, toy_dir, data, tmp_p
     # the flags a resume may change: more steps continue the run, evaluated and saved at the new intervals
     more = run(script, flags(toy_dir, str(copy), out, "--max_steps", "3", "--resume", "--eval_every", "1", "--save_every", "1"))
     assert more.returncode == 0, more.stderr[-2000:]
-    assert metric_steps(out) == ([1, 2, 3], [0, 2, 3])
+    assert metric_steps(trained(script, out)) == ([1, 2, 3], [0, 2, 3])
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -220,11 +235,13 @@ def bad_inputs(toy_dir, tmp):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bad_input_stops_with_one_line_and_writes_nothing(script, toy_dir, tmp_path):
     module = importlib.import_module(script[:-3])
-    for name, (dataset, extra, expected) in bad_inputs(toy_dir, tmp_path).items():
+    cases = {**bad_inputs(toy_dir, tmp_path), **BAD_INPUT_OVERRIDES.get(script, {})}
+    for name, (dataset, extra, expected) in ((k, v) for k, v in cases.items() if v is not None):
         dataset = write_rows(tmp_path / f"{name}.jsonl", dataset) if isinstance(dataset, list) else str(tmp_path / dataset)
         out = tmp_path / f"out-{name}"
         given = {"--model": os.path.join(toy_dir, "sft"), "--dataset": dataset, "--output_dir": str(out),
-                 "--batch_size": "1", "--grad_accum": "1", **dict(zip(extra[::2], extra[1::2]))}
+                 "--batch_size": "1", "--grad_accum": "1", **dict(zip(EXTRA_FLAGS.get(script, [])[::2], EXTRA_FLAGS.get(script, [])[1::2])),
+                 **dict(zip(extra[::2], extra[1::2]))}
         argv = [a for k, v in given.items() if v is not None for a in ((k,) if v is True else (k, v))]  # None: left out
         with pytest.raises(SystemExit) as stopped:
             module.main(argv)
@@ -276,7 +293,7 @@ def test_generated_rows_load_or_stop_with_one_line_before_anything_is_written(sc
         path.write_bytes("\n".join(lines).encode("latin-1", errors="replace") + b"\n")
         try:
             module.main(["--model", os.path.join(toy_dir, "sft"), "--dataset", str(path), "--output_dir", str(out),
-                         "--batch_size", "1", "--grad_accum", "1"])
+                         "--batch_size", "1", "--grad_accum", "1", *EXTRA_FLAGS.get(script, [])])
         except Reached:
             pass
         except SystemExit as stopped:
