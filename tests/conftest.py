@@ -30,6 +30,6 @@ def tiny_llama(vocab_size=300, tie=True, seed=0, dtype=torch.float32):
 
 @pytest.fixture(scope="session")
 def toy_dir():
-    """The real toy task (built once, about two minutes, then cached in $DPO_TOY_DIR or ~/.cache)."""
+    """The real toy task (built once, 1.5-2.5 minutes on 2 cores, then cached in $DPO_TOY_DIR or ~/.cache)."""
     import toy
     return toy.ensure_built()
