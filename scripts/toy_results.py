@@ -27,12 +27,13 @@ def parse_args(argv=None):
                         help="the betas to run (default: 0.03 0.1 0.3 1.0)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0],
                         help="dpo.py --seed of each run; every beta runs once per seed (default: 0)")
+    parser.add_argument("--out", default=None,
+                        help="keep the runs in OUT/beta<B>-seed<S> (default: a temporary directory, deleted)")
     return parser.parse_args(argv)
 
 
-def run(beta, seed):
-    """One fresh dpo.py run; its figures and wall time."""
-    out = os.path.join(tempfile.mkdtemp(), "run")
+def run(beta, seed, out):
+    """One fresh dpo.py run into out; its figures and wall time."""
     start = time.time()
     subprocess.run([sys.executable, os.path.join(ROOT, "dpo.py"), "--beta", str(beta), "--seed", str(seed),
                     "--output_dir", out], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -57,12 +58,13 @@ def main(argv=None):
     import toy
     toy.ensure_built()  # before the first run, so that no run's wall time includes the build
     rows = []
-    for beta in args.betas:
-        runs = []
-        for seed in args.seeds:
-            runs.append(run(beta, seed))
-            print(f"beta {beta} seed {seed}: {runs[-1]}", file=sys.stderr)
-        rows.append((beta, runs))
+    with tempfile.TemporaryDirectory() as tmp:
+        for beta in args.betas:
+            runs = []
+            for seed in args.seeds:
+                runs.append(run(beta, seed, os.path.join(args.out or tmp, f"beta{beta}-seed{seed}")))
+                print(f"beta {beta} seed {seed}: {runs[-1]}", file=sys.stderr)
+            rows.append((beta, runs))
 
     seeds = f"seeds {', '.join(map(str, args.seeds))}: mean (smallest–largest)" if len(args.seeds) > 1 else \
         f"seed {args.seeds[0]}"

@@ -7,7 +7,8 @@ vector instructions, and the long tail of the KL estimate.
 
 A variant is a set of environment variables: OMP_NUM_THREADS=1 or 2, or AVX2 kernels on a CPU that has
 AVX-512 (ATEN_CPU_CAPABILITY=avx2 for PyTorch's own kernels, MKL_ENABLE_INSTRUCTIONS=AVX2 for its matmuls),
-which rounds as a CPU without AVX-512 would. `builds` takes 1.5-2.5 minutes a variant, `runs` 1-2.
+which rounds much as a CPU without AVX-512 would. `builds` takes 1.5-2.5 minutes a variant, `runs` 1-2. The
+README's tail: `python scripts/toy_results.py 1.0 --seeds 2 --out runs/t`, then `kl runs/t/beta1.0-seed2`.
 """
 import argparse
 import hashlib
