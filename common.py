@@ -1,7 +1,8 @@
 """What every DPO-family script needs, and nothing algorithm-specific.
 
-1. `sequence_logps`: summed log pi(y|x) of each row's response from one forward pass, with the LM head
+1. `sequence_logps`: summed log pi(y|x) of each response from one forward pass, with the LM head
    run only on the positions that score a response token, in chunks, never holding [B, T, V] logits.
+   `grouped_logps`: the same for a prompt with several responses, the prompt computed once (`collate_shared`).
 2. `encode_prompt` / `encode_response` / `truncate` / `collate`: (prompt, response) -> padded batch.
 3. `load_model` / `load_tokenizer` / `load_rows`: hub id or local path, with clear errors on bad data.
 """
@@ -95,28 +96,85 @@ PLAIN_HEAD_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox",
 
 
 def sequence_logps(model, batch, chunk_size=None):
-    """Summed log-prob of each row's response tokens, and their count: (B,) fp32, (B,) long.
+    """Summed log-prob of each response's tokens, and their count: (K,) fp32, (K,) long.
 
-    `batch` comes from `collate`. The one-token shift happens once, in `collate`'s `score_index`: the
-    token at position t is scored by the hidden state at t - 1, so the first response token is scored
-    at the last prompt position. All indices are built on the host: no boolean masks, no syncs here.
+    `batch` comes from `collate` (one response a row) or `collate_shared` (a prompt once, its responses after it,
+    several groups a row). The one-token shift happens once, in the collate's `score_index`: the token at
+    position t is scored by the hidden state at t - 1, so a response's first token is scored at the last prompt
+    position. All indices are built on the host: no boolean masks, no syncs here.
     The fused head is used when the model's logits are lm_head(final hidden), as `_head_is_plain` decides
     on the first batch (once per model); otherwise the model's own (B, T, V) logits."""
     plain = getattr(model, "_plain_head", None)
     if plain is None:  # the first call only: decided once per model, kept on it
         plain = model._plain_head = _head_is_plain(model, batch)
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    if batch["attention_mask"].ndim == 4:  # (R, 1, T, T) bool, as SDPA takes it; eager attention adds a mask
+        mask = batch["attention_mask"]
+        if model.config._attn_implementation != "sdpa":  # fp32, so it adds to weights of any dtype
+            mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
+        inputs.update(attention_mask=mask, position_ids=batch["position_ids"])
     if plain:
-        out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        out = model.base_model(**inputs)
         hidden = out[0].flatten(0, 1).index_select(0, batch["score_index"])  # (N, H): only positions that score
         head = model.get_output_embeddings()
         per_token = token_logps(hidden, head.weight, head.bias, batch["labels"], chunk_size)  # (N,)
     else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = model(**inputs).logits
         logits = logits.flatten(0, 1).index_select(0, batch["score_index"])  # (N, V)
         logprobs = logits.to(_acc_dtype(logits)).log_softmax(-1)  # (N, V) fp32 (fp64 for fp64)
         per_token = logprobs.gather(-1, batch["labels"][:, None]).squeeze(-1)  # (N,)
-    logps = per_token.new_zeros(batch["input_ids"].shape[0]).index_add(0, batch["row_of_token"], per_token)  # (B,)
+    logps = per_token.new_zeros(len(batch["n_tokens"])).index_add(0, batch["response_of_token"], per_token)  # (K,)
     return logps, batch["n_tokens"]
+
+
+def grouped_logps(model, groups, pad_token_id, device, chunk_size=None):
+    """Summed log-probs and token counts of every response of every (prompt_ids, [response_ids, ...]) group,
+    flat in group order: (K,) and (K,) for K responses in all. Each prompt is computed once (`collate_shared`),
+    unless the model does not give the same log-probs that way (checked on the first call, once per model;
+    one line says so), in which case each response is a row of its own with its own copy of the prompt.
+    Attention runs dense over a row, masked (SDPA with a boolean mask, eager with an additive one; FlexAttention's
+    block sparsity was not tried, no GPU was measured): a prompt with two responses saves more than the masked
+    blocks cost, a prompt with many long responses (DICE's 16 samples) would not, so those go one per row."""
+    shared = getattr(model, "_prompt_shared", None)
+    if shared is None:
+        shared = model._prompt_shared = _shared_layout_works(model, groups[:2], pad_token_id, device)
+    rows = [(p, r) for p, responses in groups for r in responses]
+    batch = collate_shared(groups, pad_token_id) if shared else collate(rows, pad_token_id)
+    return sequence_logps(model, {k: v.to(device) for k, v in batch.items()}, chunk_size)
+
+
+@torch.no_grad()
+def _shared_layout_works(model, groups, pad_token_id, device):
+    """Whether the model computes each response in `collate_shared`'s layout (the groups packed in one row) as
+    it does alone, in eval mode: (1) the same log-probs as in `collate`'s layout, to 1e-3 nats a token (0.05 in
+    16-bit), which a model that ignores position ids fails; (2) no response's log-prob moves when the responses
+    it must not see change (the first group's and every group's first response, reversed), to 1e-6 nats a token
+    (1e-4 in 16-bit): attention under the mask gives them weight exactly 0, but a recurrent (Mamba-like) layer
+    carries them in its state, and a model that ignores the 4D mask lets them through."""
+    was_training = model.training
+    model.eval()
+    hidden = [(g, j) for g, (_, rs) in enumerate(groups) for j in range(len(rs)) if g == 0 or j == 0]
+    changed = [(p, [r[::-1] if (g, j) in hidden else r for j, r in enumerate(rs)]) for g, (p, rs) in enumerate(groups)]
+    seen = torch.tensor([(g, j) not in hidden for g, (_, rs) in enumerate(groups) for j in range(len(rs))])
+    one_row = sum(len(p) + sum(map(len, rs)) for p, rs in groups)
+    logps = lambda batch: sequence_logps(model, {k: v.to(device) for k, v in batch.items()})[0].cpu()
+    try:
+        shared, moved = logps(collate_shared(groups, pad_token_id, one_row)), logps(collate_shared(changed, pad_token_id, one_row))
+        error = None
+    except Exception as e:  # a model that rejects a 4D mask or position ids
+        error = one_line(e)
+    separate = logps(collate([(p, r) for p, rs in groups for r in rs], pad_token_id))
+    model.train(was_training)
+    n_tokens = torch.tensor([len(r) for _, rs in groups for r in rs]).clamp(min=1)
+    low = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+    if error is None and ((shared - separate).abs() / n_tokens).max() > (0.05 if low else 1e-3):
+        error = f"{((shared - separate).abs() / n_tokens).max():.3g} nats a token from the separate layout"
+    if error is None and seen.any() and ((shared - moved).abs() / n_tokens)[seen].max() > (1e-4 if low else 1e-6):
+        error = "a response's log-prob depends on tokens it must not see"
+    if error:
+        print(f"grouped_logps: {model.config.model_type} does not take a shared-prompt layout ({error}): "
+              f"each response is computed with its own copy of the prompt")
+    return error is None
 
 
 @torch.no_grad()
@@ -126,6 +184,7 @@ def _head_is_plain(model, batch, rows=2, tokens=64, rtol=1e-3):
     if model.config.model_type in PLAIN_HEAD_FAMILIES:
         return True
     ids, mask = batch["input_ids"][:rows, :tokens], batch["attention_mask"][:rows, :tokens]  # (r, t): a prefix
+    mask = mask if mask.ndim == 2 else torch.ones_like(ids)  # a shared layout: plain causal attention will do here
     was_training = model.training
     model.eval()  # no dropout in the comparison
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (r, t, V)
@@ -196,12 +255,12 @@ def truncate(prompt_ids, responses, max_length, max_prompt_length=None, keep_sta
 def collate(rows, pad_token_id):
     """rows: [(prompt_ids, response_ids)] -> right-padded batch plus the host-built indices that
     `sequence_logps` needs: score_index (N,) into the flattened (B*T) positions, labels (N,),
-    row_of_token (N,), n_tokens (B,), with N the number of response tokens in the batch."""
+    response_of_token (N,), n_tokens (B,), with N the number of response tokens in the batch."""
     B, T = len(rows), max(len(p) + len(r) for p, r in rows)
     input_ids = torch.full((B, T), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros(B, T, dtype=torch.long)
     response_mask = torch.zeros(B, T, dtype=torch.long)
-    score_index, labels, row_of_token = [], [], []
+    score_index, labels, response_of_token = [], [], []
     for i, (p, r) in enumerate(rows):
         assert len(p) >= 1, "a row needs at least one prompt token to score its first response token"
         input_ids[i, :len(p) + len(r)] = torch.tensor(p + r)
@@ -209,10 +268,71 @@ def collate(rows, pad_token_id):
         response_mask[i, len(p):len(p) + len(r)] = 1
         score_index += range(i * T + len(p) - 1, i * T + len(p) + len(r) - 1)
         labels += r
-        row_of_token += [i] * len(r)
+        response_of_token += [i] * len(r)
     return dict(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
                 score_index=torch.tensor(score_index), labels=torch.tensor(labels),
-                row_of_token=torch.tensor(row_of_token), n_tokens=response_mask.sum(-1))
+                response_of_token=torch.tensor(response_of_token), n_tokens=response_mask.sum(-1))
+
+
+def collate_shared(groups, pad_token_id, row_tokens=None):
+    """groups: [(prompt_ids, [response_ids, ...])] -> a batch for `sequence_logps` in which each prompt is
+    computed once: a group is its prompt followed by its responses, and each response sees the prompt and
+    itself, never another response (Wang & Hegde 2024, "Accelerating DPO with Prefix Sharing"). Groups are
+    packed into rows of row_tokens tokens (default: the longest group, so that packing fills what would be
+    padding and never lengthens a row), first fit in decreasing length. Position ids restart at each response
+    where its prompt ends. The attention mask is 4D (R, 1, T, T) bool; two groups P1 C1 R1 | P2 C2 R2 in a row:
+
+              P1 P1 C1 C1 R1 R1 P2 C2 R2
+        P1     x
+        P1     x  x
+        C1     x  x  x                          position ids:  0 1 2 3 2 3 | 0 1 1
+        C1     x  x  x  x
+        R1     x  x        x                    a response's first token is scored at its prompt's last
+        R1     x  x        x  x                 position, so R1's first token is scored where C1's is
+        P2                       x
+        C2                       x  x
+        R2                       x     x
+
+    Returns input_ids, position_ids, attention_mask, score_index, labels, response_of_token and n_tokens (one
+    per response, flat in group order, as `collate` gives them for the rows [(p, r) for p, rs in groups for r in rs])."""
+    sizes = [len(p) + sum(map(len, rs)) for p, rs in groups]
+    T = max(int(row_tokens or 0), max(sizes))
+    rows, free = [], []  # rows: the groups in each row; free: its tokens left
+    for g in sorted(range(len(groups)), key=lambda g: -sizes[g]):
+        i = next((i for i in range(len(rows)) if free[i] >= sizes[g]), len(rows))
+        rows, free = (rows, free) if i < len(rows) else (rows + [[]], free + [T])
+        rows[i].append(g)
+        free[i] -= sizes[g]
+    R = len(rows)
+    input_ids = torch.full((R, T), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros(R, T, dtype=torch.long)
+    segment = torch.full((R, T), -1, dtype=torch.long)  # which group a position belongs to (-1: padding)
+    part = torch.full((R, T), -1, dtype=torch.long)  # 0: prompt, j: the j-th response (-1: padding)
+    first = [sum(len(rs) for _, rs in groups[:g]) for g in range(len(groups))]  # the group's first response's index
+    n_tokens = torch.tensor([len(r) for _, rs in groups for r in rs], dtype=torch.long)
+    score_index, labels, response_of_token = [], [], []
+    for i, row in enumerate(rows):
+        at = 0
+        for g in row:
+            p, responses = groups[g]
+            assert len(p) >= 1, "a group needs at least one prompt token to score its responses' first tokens"
+            input_ids[i, at:at + len(p)], position_ids[i, at:at + len(p)] = torch.tensor(p), torch.arange(len(p))
+            segment[i, at:at + sizes[g]], part[i, at:at + len(p)] = g, 0
+            last_prompt, at = i * T + at + len(p) - 1, at + len(p)
+            for j, r in enumerate(responses):
+                input_ids[i, at:at + len(r)] = torch.tensor(r, dtype=torch.long)
+                position_ids[i, at:at + len(r)] = torch.arange(len(p), len(p) + len(r))
+                part[i, at:at + len(r)] = j + 1
+                score_index += [last_prompt, *range(i * T + at, i * T + at + len(r) - 1)][:len(r)]
+                labels += r
+                response_of_token += [first[g] + j] * len(r)
+                at += len(r)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T): a query at row index q sees keys k <= q
+    same_group = segment[:, :, None] == segment[:, None, :]  # (R, T, T); padding sees only padding
+    visible = (part[:, None, :] == 0) | (part[:, :, None] == part[:, None, :])  # the prompt, or its own part
+    return dict(input_ids=input_ids, position_ids=position_ids, attention_mask=(causal & same_group & visible)[:, None],
+                score_index=torch.tensor(score_index, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long),
+                response_of_token=torch.tensor(response_of_token, dtype=torch.long), n_tokens=n_tokens)
 
 
 # ---------------------------------------------------------------- loading

@@ -62,9 +62,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (collate, crash_point, encode_prompt, encode_response, fingerprint, from_pretrained, load_model,
-                    load_rows, load_tokenizer, prompt_head_length, report_dropped, sample_responses, sequence_logps,
-                    truncate)
+from common import (collate, crash_point, encode_prompt, encode_response, fingerprint, from_pretrained, grouped_logps,
+                    load_model, load_rows, load_tokenizer, prompt_head_length, report_dropped, sample_responses,
+                    sequence_logps, truncate)
 
 
 @dataclass
@@ -172,10 +172,9 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
 
 
 def pair_logps(model, pairs, pad_token_id, device):
-    """Summed response log-probs of chosen and rejected, in one forward pass over 2B rows."""
-    batch = collate([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], pad_token_id)
-    logps, _ = sequence_logps(model, {k: v.to(device) for k, v in batch.items()})  # (2B,)
-    return logps[:len(pairs)], logps[len(pairs):]
+    """Summed response log-probs of chosen and rejected, in one forward pass, each prompt computed once."""
+    logps, _ = grouped_logps(model, [(p, [c, r]) for p, c, r in pairs], pad_token_id, device)  # (2B,): c, r, c, r...
+    return logps[0::2], logps[1::2]
 
 
 def dpo_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps):

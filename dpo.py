@@ -20,7 +20,9 @@ Deviations from the paper and the reference code (eric-mitchell/direct-preferenc
 1. The reference log-probs are computed once, before training, with the initial policy (pi = pi_ref at
    step 0), so no second model is held in memory. --ref_model loads a frozen reference model instead.
 2. AdamW by default (the paper uses RMSprop: --optimizer rmsprop); linear warm-up, then constant, as in the paper.
-3. The LM head runs only on positions that score a response token, in chunks (common.sequence_logps).
+3. The LM head runs only on positions that score a response token, in chunks (common.sequence_logps), and each
+   pair's prompt is computed once: prompt, chosen and rejected in one sequence, where each response sees the
+   prompt and itself (common.grouped_logps; the same log-probs as two separate sequences).
 4. On CUDA the default dtype is bf16 for the weights and the optimizer state. With learning rates near
    1e-6 many bf16 updates round away; use --dtype float32 if memory allows.
 """
@@ -43,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (collate, crash_point, encode_prompt, encode_response, fingerprint, load_model, load_rows,
-                    load_tokenizer, prompt_head_length, report_dropped, sequence_logps, truncate)
+from common import (crash_point, encode_prompt, encode_response, fingerprint, grouped_logps, load_model, load_rows,
+                    load_tokenizer, prompt_head_length, report_dropped, truncate)
 
 
 @dataclass
@@ -131,10 +133,9 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
 
 
 def pair_logps(model, pairs, pad_token_id, device):
-    """Summed response log-probs of chosen and rejected, in one forward pass over 2B rows."""
-    batch = collate([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], pad_token_id)
-    logps, _ = sequence_logps(model, {k: v.to(device) for k, v in batch.items()})  # (2B,)
-    return logps[:len(pairs)], logps[len(pairs):]
+    """Summed response log-probs of chosen and rejected, in one forward pass, each prompt computed once."""
+    logps, _ = grouped_logps(model, [(p, [c, r]) for p, c, r in pairs], pad_token_id, device)  # (2B,): c, r, c, r...
+    return logps[0::2], logps[1::2]
 
 
 def dpo_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps):

@@ -1,11 +1,13 @@
 """Sampling throughput (common.sample_responses) and how dpo.py's step time scales with tokens.
 
     python bench/generation.py                  # both parts, about 5 minutes on 2 CPU cores
-    python bench/generation.py --part sampling  # or --part scaling
+    python bench/generation.py --part sampling  # or --part scaling, or --part memory
 
 1. sampling: samples/s of common.sample_responses batched (one left-padded batch, KV cache) against one prompt
    at a time (batch_size=1, KV cache too), on the toy model (toy.ensure_built(): built once, ~2 minutes) and on
    the 20M model (synthetic prompts, random weights, so nearly every sample runs to --max-new-tokens).
+3. memory: peak RSS of common.sample_responses on the 20M model at several batch sizes, each in its own process,
+   fitted as a line (fixed + per sample), and the largest sampling batch that fits in a few memory budgets.
 2. scaling: median time of dpo.py's step (precomputed reference, synthetic.dpo_step) on the 20M model for
    batch sizes x sequence lengths, every sequence exactly that long (prompt and response half each).
 """
@@ -22,7 +24,9 @@ from synthetic import (VOCAB, build_model, dpo_optimizer, dpo_step, load_model, 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", default="both", choices=["both", "sampling", "scaling"], help="what to run")
+    parser.add_argument("--part", default="both", choices=["both", "sampling", "scaling", "memory"], help="what to run")
+    parser.add_argument("--memory-batches", type=int, nargs="+", default=[8, 32, 128], help="memory: batch sizes")
+    parser.add_argument("--child-batch", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--prompts", type=int, default=64, help="prompts to sample for")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="sampled tokens at most per prompt")
     parser.add_argument("--batches", type=int, nargs="+", default=[2, 4, 8, 16], help="scaling: pairs per step")
@@ -90,9 +94,48 @@ def scaling(args):
         print(f"| {batch} | {seq} | {tokens} | {step:.2f} | {1e6 * step / tokens:.0f} | {others:.0%} |", flush=True)
 
 
+def memory(args):
+    """Peak RSS of one sampling batch, each batch size in a fresh process; a least-squares line through them."""
+    import subprocess
+    import sys
+    from synthetic import peak_rss_mib, rss_mib
+    if args.child_batch:
+        from transformers import AutoTokenizer
+        from common import sample_responses
+        path = build_model("20M")
+        model, tokenizer = load_model(path).eval(), AutoTokenizer.from_pretrained(path)
+        prompts = [p for p, _, _ in make_pairs(VOCAB["20M"], args.child_batch, seed=1)]
+        loaded = rss_mib()
+        torch.manual_seed(0)
+        responses = sample_responses(model, tokenizer, prompts, args.max_new_tokens, batch_size=args.child_batch)
+        return print(json.dumps(dict(loaded=loaded, peak=peak_rss_mib(), tokens=sum(map(len, responses)))))
+    print(f"\nsampling memory, 20M model (fp32), prompts 30-80 tokens, {args.max_new_tokens} new tokens at most\n")
+    print("| batch | RSS after loading (MiB) | peak RSS (MiB) | peak - loaded (MiB) | per sample (MiB) |")
+    print("|---|---|---|---|---|")
+    points = []
+    for batch in args.memory_batches:
+        out = subprocess.run([sys.executable, __file__, "--part", "memory", "--child-batch", str(batch),
+                              "--max-new-tokens", str(args.max_new_tokens)], capture_output=True, text=True,
+                             env={**os.environ, "TQDM_DISABLE": "1"})
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        points.append((batch, row["peak"] - row["loaded"], row["loaded"]))
+        print(f"| {batch} | {row['loaded']:.0f} | {row['peak']:.0f} | {row['peak'] - row['loaded']:.0f} | "
+              f"{(row['peak'] - row['loaded']) / batch:.2f} |", flush=True)
+    mx, my = sum(b for b, _, _ in points) / len(points), sum(m for _, m, _ in points) / len(points)
+    slope = sum((b - mx) * (m - my) for b, m, _ in points) / sum((b - mx) ** 2 for b, _, _ in points)
+    fixed, loaded = my - slope * mx, max(l for _, _, l in points)
+    kv = 2 * 6 * 4 * 64 * 4 * (55 + args.max_new_tokens) / 2**20  # K and V, 6 layers, 4 KV heads of 64, fp32
+    print(f"\nfit: {fixed:.0f} MiB + {slope:.2f} MiB per sample on top of {loaded:.0f} MiB loaded "
+          f"(the KV cache alone: {kv:.2f} MiB per sample at the mean prompt of 55 tokens)")
+    for budget in (1, 4, 16):
+        print(f"largest batch in {budget} GiB of RSS: {int((budget * 1024 - loaded - fixed) / slope)}")
+
+
 def main():
     args = parse_args()
     torch.manual_seed(0)
+    if args.part == "memory":
+        return memory(args)
     if args.part in ("both", "sampling"):
         sampling(args)
     if args.part in ("both", "scaling"):

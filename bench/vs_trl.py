@@ -12,6 +12,13 @@ with the order rotated each round; a process waits for the shared machine to be 
     ours-ref-model   dpo.py --ref_model: a frozen reference model
     ours-plain-adamw dpo.py's default with the plain torch.optim.AdamW (for-each-parameter; dpo.py before it
                      switched to the fused one), to show what the optimizer costs
+    ours-separate    dpo.py's default with each response in a row of its own, its prompt copied (the layout
+                     before common.grouped_logps), to show what computing each prompt once is worth
+    ideal            not a trainer: the forward and backward of the step's unique tokens only (each prompt
+                     once, no padding, plain causal attention, no mask), as many tokens scored by the LM
+                     head as the pairs' responses have, and the same optimizer step; the floor for any layout
+--lengths sets the prompt and response lengths: equal (30-80 tokens each), short-prompt (prompt 10-30,
+responses 60-100), long-prompt (prompt 120-200, responses 20-60, as in multi-turn dialogues such as HH).
 "Ours" runs dpo.py's own per-step work (synthetic.dpo_step, made of dpo.py's pair_logps, dpo_loss, dpo_metrics
 and reference_logps): one forward of 2B rows, the loss, backward, clip, the one host sync, and the step of
 dpo.py's optimizer, torch.optim.AdamW(fused=True) (synthetic.dpo_optimizer).
@@ -37,7 +44,8 @@ import time
 from synthetic import (VOCAB, build_model, dpo_optimizer, dpo_step, frozen_reference, load_model, make_pairs, median,
                        n_params, peak_rss_mib, precomputed_reference, quietly, rss_mib)
 
-CONTENDERS = ["trl", "trl-precompute", "ours", "ours-ref-model", "ours-plain-adamw"]
+CONTENDERS = ["trl", "trl-precompute", "ours", "ours-ref-model", "ours-plain-adamw", "ours-separate", "ideal"]
+LENGTHS = {"equal": ((30, 80), (30, 80)), "short-prompt": ((10, 30), (60, 100)), "long-prompt": ((120, 200), (20, 60))}
 
 
 def parse_args():
@@ -51,14 +59,17 @@ def parse_args():
     parser.add_argument("--max-length", type=int, default=256, help="max prompt + response tokens (none are longer)")
     parser.add_argument("--learning-rate", type=float, default=1e-4, help="large enough that the loss moves")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated subset")
+    parser.add_argument("--lengths", default="equal", choices=list(LENGTHS), help="prompt and response lengths")
     parser.add_argument("--gradient-checkpointing", type=int, default=0, choices=[0, 1],
                         help="1: recompute activations in backward, in every contender (TRL's default, off here)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
-def run_ours(args, path, pairs, with_ref_model, fused=True):
+def run_ours(args, path, pairs, with_ref_model, fused=True, separate=False):
     policy = load_model(path)
+    if separate:  # what common.grouped_logps does for a model that cannot take the shared layout
+        policy._prompt_shared = False
     ref = frozen_reference(load_model(path)) if with_ref_model else precomputed_reference(policy, pairs, args.batch_size)
     optimizer = dpo_optimizer(policy, args.learning_rate, fused)
     if args.gradient_checkpointing:  # as dpo.py --gradient_checkpointing does it
@@ -71,6 +82,34 @@ def run_ours(args, path, pairs, with_ref_model, fused=True):
         first_logps = first_logps or row["logps/chosen"]
         ends.append(time.perf_counter())
     return losses, ends, first_logps
+
+
+def run_ideal(args, path, pairs):
+    """The step's unique tokens (each prompt once) cut into full rows as long as the longest pair, plain causal
+    attention (no mask), the LM head on as many positions as the responses have tokens, AdamW: the floor."""
+    import torch
+    from common import sequence_logps
+    policy = load_model(path).train()
+    optimizer = dpo_optimizer(policy, args.learning_rate)
+    losses, ends = [], [time.perf_counter()]
+    for step in range(args.warmup + args.steps):
+        chunk = pairs[step * args.batch_size:(step + 1) * args.batch_size]
+        tokens = [t for p, c, r in chunk for t in p + c + r]
+        T = max(len(p) + len(c) + len(r) for p, c, r in chunk)
+        ids = torch.tensor(tokens + [0] * (-len(tokens) % T)).view(-1, T)  # (rows, T), every row full
+        n = sum(len(c) + len(r) for _, c, r in chunk)  # as many scored positions as the responses have tokens
+        batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), score_index=torch.arange(n),
+                     labels=ids.flatten()[1:n + 1], response_of_token=torch.zeros(n, dtype=torch.long),
+                     n_tokens=torch.tensor([n]))
+        policy._plain_head = True  # Llama: no check needed
+        loss = -sequence_logps(policy, batch)[0].sum() / n
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
+        losses.append(loss.item())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ends.append(time.perf_counter())
+    return losses, ends, None
 
 
 def run_trl(args, path, pairs, precompute):
@@ -136,12 +175,14 @@ def child(args):
     rss_imports = rss_mib()
     path = build_model(args.model)
     n_pairs = (args.warmup + args.steps) * args.batch_size
-    pairs = make_pairs(VOCAB[args.model], args.pairs)[:n_pairs]  # only the pairs that are trained on
+    pairs = make_pairs(VOCAB[args.model], args.pairs, 0, *LENGTHS[args.lengths])[:n_pairs]  # only those trained on
     run = {"trl": lambda: run_trl(args, path, pairs, precompute=False),
            "trl-precompute": lambda: run_trl(args, path, pairs, precompute=True),
            "ours": lambda: run_ours(args, path, pairs, with_ref_model=False),
            "ours-ref-model": lambda: run_ours(args, path, pairs, with_ref_model=True),
-           "ours-plain-adamw": lambda: run_ours(args, path, pairs, with_ref_model=False, fused=False)}[args.child]
+           "ours-plain-adamw": lambda: run_ours(args, path, pairs, with_ref_model=False, fused=False),
+           "ours-separate": lambda: run_ours(args, path, pairs, with_ref_model=False, separate=True),
+           "ideal": lambda: run_ideal(args, path, pairs)}[args.child]
     losses, ends, first_logps = run()
     times = [b - a for a, b in zip(ends, ends[1:])][args.warmup:]
     print(json.dumps(dict(contender=args.child, losses=losses, times=times, first_logps_chosen=first_logps,
@@ -155,7 +196,7 @@ def main():
         return child(args)
     import torch
     path = build_model(args.model)
-    pairs = make_pairs(VOCAB[args.model], args.pairs)
+    pairs = make_pairs(VOCAB[args.model], args.pairs, 0, *LENGTHS[args.lengths])
     tokens = [len(p) + len(r) for p, c, rj in pairs for r in (c, rj)]
     print(f"model {args.model}: {n_params(load_model(path)) / 1e6:.1f}M parameters, vocab {VOCAB[args.model]}; "
           f"{len(pairs)} pairs, {sum(tokens) / len(tokens):.0f} tokens per sequence on average, "
@@ -170,11 +211,14 @@ def main():
         for name in order:
             command = [sys.executable, os.path.abspath(__file__), "--child", name,
                        *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "contenders")]]
-            out, others = quietly(lambda: subprocess.run(command, capture_output=True, text=True,
-                                                         env={**os.environ, "TQDM_DISABLE": "1"}))
+            def process():  # the whole process: start-up, loading, reference log-probs and the steps
+                start = time.perf_counter()
+                done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+                return done, time.perf_counter() - start
+            (out, wall), others = quietly(process)
             if out.returncode:
                 sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
-            results[name].append({**json.loads(out.stdout.strip().splitlines()[-1]), "others": others})
+            results[name].append({**json.loads(out.stdout.strip().splitlines()[-1]), "others": others, "wall": wall})
             print(f"round {r + 1} {name:15s} median step {median(results[name][-1]['times']):.3f} s, "
                   f"other processes used {others:.0%} of the CPUs meanwhile", flush=True)
 
@@ -186,27 +230,32 @@ def main():
     print("| contender | loss step 1 | loss step 2 | loss step 3 | max abs diff | logps/chosen step 1 |")
     print("|---|---|---|---|---|---|")
     ok = True
-    for c in contenders:
+    for c in [c for c in contenders if c != "ideal"]:  # the ideal trains on something else
         diff = max(abs(a - b) for a, b in zip(first[c]["losses"], first[base]["losses"]))
         ok &= max(abs(a - b) for a, b in zip(first[c]["losses"][:3], first[base]["losses"][:3])) < 1e-4
         print(f"| {c} | " + " | ".join(f"{x:.6f}" for x in first[c]["losses"][:3]) +
               f" | {diff:.1e} | {first[c]['first_logps_chosen']:.4f} |")
     print("parity: " + ("OK, losses agree within 1e-4 over the first 3 steps" if ok else "FAILED (differ by > 1e-4)"))
 
-    print(f"\n| contender | median step (s) | pairs/s | peak RSS (MiB) | pairs/s vs trl | peak RSS vs trl | others' CPU |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n| contender | median step (s) | pairs/s | peak RSS (MiB) | pairs/s vs {contenders[0]} | "
+          f"peak RSS vs {contenders[0]} | whole process (s) | whole-process pairs/s vs {contenders[0]} | others' CPU |")
+    print("|---|---|---|---|---|---|---|---|---|")
     summary = {}
+    n_pairs = (args.warmup + args.steps) * args.batch_size
     for c in contenders:
         step = median([t for run in results[c] for t in run["times"]])
         rss = max(run["peak_rss_mib"] for run in results[c])
-        summary[c] = (step, args.batch_size / step, rss, max(run["others"] for run in results[c]))
-    ref = summary.get("trl", next(iter(summary.values())))
-    for c, (step, rate, rss, others) in summary.items():
-        print(f"| {c} | {step:.3f} | {rate:.2f} | {rss:.0f} | {rate / ref[1]:.2f}x | {rss / ref[2]:.2f}x | {others:.0%} |")
-    if "trl-precompute" in summary and "ours" in summary:
-        step, rate, rss, _ = summary["ours"]
-        print(f"\nours (precomputed reference) vs trl-precompute: {rate / summary['trl-precompute'][1]:.2f}x pairs/s, "
-              f"{rss / summary['trl-precompute'][2]:.2f}x peak RSS")
+        wall = median([run["wall"] for run in results[c]])
+        summary[c] = (step, args.batch_size / step, rss, wall, max(run["others"] for run in results[c]))
+    ref = summary[contenders[0]]
+    for c, (step, rate, rss, wall, others) in summary.items():
+        print(f"| {c} | {step:.3f} | {rate:.2f} | {rss:.0f} | {rate / ref[1]:.2f}x | {rss / ref[2]:.2f}x | {wall:.1f} | "
+              f"{ref[3] / wall:.2f}x | {others:.0%} |")
+    for a, b in [("ours", "trl-precompute"), ("ours", "ours-separate"), ("ideal", "ours")]:
+        if a in summary and b in summary:
+            print(f"{a} vs {b}: {summary[a][1] / summary[b][1]:.2f}x pairs/s steady, "
+                  f"{summary[b][3] / summary[a][3]:.2f}x whole process ({n_pairs} pairs), "
+                  f"{summary[a][2] / summary[b][2]:.2f}x peak RSS")
     print(f"RSS right after imports (MiB): " + ", ".join(
         f"{c} {results[c][0]['rss_after_imports_mib']:.0f}" for c in contenders))
     if not ok:

@@ -77,7 +77,7 @@ def test_collate_masks_exactly_the_response():
     flat = batch["input_ids"].flatten()
     # each label is the token right after the position that scores it
     assert torch.equal(flat[batch["score_index"] + 1], batch["labels"])
-    assert batch["row_of_token"].tolist() == [0, 0, 0, 1, 1]
+    assert batch["response_of_token"].tolist() == [0, 0, 0, 1, 1]
 
 
 def write(path, rows):

@@ -253,3 +253,24 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(toy_dir, tmp_path):
     assert len(checkpoints) == 1 and not os.path.exists(out / "model.safetensors")
     weights = load_file(str(out / checkpoints[0] / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_precomputed_reference_trains_like_a_frozen_reference_model(toy_dir, tmp_path):
+    """The default (the initial policy's log-probs computed once) and --ref_model (a frozen copy) give the same
+    losses and rewards step by step, and only the default writes the cache."""
+    with open(os.path.join(toy_dir, "unpaired.jsonl")) as f:
+        (tmp_path / "u.jsonl").write_text("".join(f.readlines()[:96]))
+    sft = os.path.join(toy_dir, "sft")
+    common = ["--model", sft, "--dataset", str(tmp_path / "u.jsonl"), "--eval_fraction", "0.25", "--batch_size", "8",
+              "--grad_accum", "2", "--learning_rate", "1e-3", "--warmup_steps", "2", "--eval_every", "3",
+              "--max_steps", "6"]
+    pw.main(common + ["--output_dir", str(tmp_path / "pre")])
+    pw.main(common + ["--output_dir", str(tmp_path / "ref"), "--ref_model", sft])
+    pre, ref = read_metrics(str(tmp_path / "pre")), read_metrics(str(tmp_path / "ref"))
+    assert [r["step"] for r in pre] == [r["step"] for r in ref] == list(range(7))  # step 0: evaluation only
+    for a, b in zip(pre, ref):
+        for k in ("loss", "rewards/positive", "rewards/negative", "eval_loss", "eval_rewards/accuracies"):
+            if k in a:
+                assert a[k] == pytest.approx(b[k], abs=1e-4), (a["step"], k)
+    assert pre[-1]["loss"] != pytest.approx(pre[1]["loss"], abs=1e-3)  # training moved it
+    assert os.path.exists(tmp_path / "pre" / "reference_logps.pt") and not os.path.exists(tmp_path / "ref" / "reference_logps.pt")
