@@ -1,0 +1,1035 @@
+"""D2PO: Discriminator-Guided DPO with Response Evaluation Models (online DPO with a discriminator).
+Singhal, Lambert, Niekum, Goyal, Durrett. 2024. https://arxiv.org/abs/2405.01511 (authors' code: PrasannS/d2po)
+
+Gold preference labels (people, a strong judge, a program) are expensive and come in a budget. The policy keeps
+sampling; a discriminator, a Bradley-Terry reward model trained on the gold labels so far, silver-labels the many
+pairs that get no gold label, and the policy trains with DPO on both, against the fixed initial policy:
+
+    y_a, y_b   ~ pi_theta(. | x)                                 two samples per prompt, temperature 1, no top-k/top-p
+    s(x, y)    = r_phi(x, y)                                     silver score of every sample
+    gold       : in each window, --gold_per_window pairs with the smallest |s_a - s_b| ("conf") or random ones,
+                 until the window's gold is spent; then --silver_per_window silver-only pairs before the next window
+    L_phi      = - mean log sigmoid(r_phi(x, y_w) - r_phi(x, y_l))  on a window's gold pairs, once it is spent
+    (y_w, y_l) = the gold order where a pair has one, else argmax / argmin of s
+    L_DPO      = - E[ log sigmoid(beta * h) ],  h = [log pi(y_w|x) - log pi_0(y_w|x)] - [log pi(y_l|x) - log pi_0(y_l|x)]
+
+--labels picks what the policy trains on, so the paper's comparisons run from this file at the same gold budget:
+d2po (gold + discriminator silver labels), gold (online DPO where every pair is gold-labelled until the budget
+is spent), static (the discriminator trained once on --initial_gold, never updated), self (the policy's own
+implicit reward beta * (log pi - log pi_0) as the discriminator; gold still overrides in windows).
+--gold says who labels: toy (the toy task's noisy annotator of its gold reward), rm:<hub id or path> (a
+sequence-classification reward model), human (a terminal prompt: 1 / 2 / t for a tie / s to skip; piped stdin works).
+
+Run:
+    python d2po.py                                       # built-in toy task, CPU, a few minutes
+    python d2po.py --labels gold                         # the same gold budget, online DPO on gold labels only
+    python d2po.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset trl-lib/ultrafeedback-prompt --output_dir out \\
+        --gold rm:Skywork/Skywork-Reward-Llama-3.1-8B-v0.2 --disc_model Qwen/Qwen2.5-0.5B-Instruct --gold_budget 500
+    python d2po.py --model M --dataset prompts.jsonl --gold human --gold_budget 200 --output_dir out
+    python d2po.py <the same flags> --output_dir out --resume
+Single process, one device; multi-GPU (torchrun / FSDP) is not implemented.
+
+Every gold label is appended to <output_dir>/gold.jsonl and flushed the moment it arrives; a resumed run reuses
+a label it has (found by the pair's tokens) and never asks for it again, and the budget counts what is on disk.
+A run with --gold human ends cleanly, with its labels and a checkpoint saved, when stdin ends. args.json,
+--resume, Ctrl-C and SIGTERM behave as in dpo.py; checkpoints also hold the discriminator and its optimizer.
+
+The reference pi_0 for fresh samples: a frozen copy of the initial policy (or --ref_model), held in memory for the
+whole run: one more set of weights (2 bytes a parameter in bf16), with no gradients and no optimizer state, so
+about a quarter of what the trained policy needs with AdamW. Each step scores the step's samples with it once
+(no grad), which also gives the implicit reward of --labels self. The discriminator is a third model with its
+own AdamW (its weights, gradients and optimizer state; --disc_model can be much smaller than the policy).
+
+Deviations from the paper and the authors' code:
+1. One process: sampling, labelling, the discriminator and the policy update run in turn (the authors run two
+   policy workers and a discriminator server); windows count pairs (the authors count texts), and a window's
+   gold is taken from consecutive steps until spent.
+2. Full fine-tuning with AdamW, and the DPO loss is the mean over a step's pairs (the authors: LoRA, Adam, the sum
+   over a minibatch's pairs at lr 5e-5); --updates_per_step updates on them (their PPOUPDATES, 1 by default), each
+   one an optimizer and scheduler step (so --warmup_steps counts updates).
+3. The discriminator is a sequence classifier with one output, scored at the last non-padding token, trained in
+   full (the authors: LoRA on a small reward model, input "Question: x\\n\\nAnswer: y"; here the prompt's and the
+   response's tokens as the policy sees them). --disc_replay trains on all gold so far (the authors: the newest
+   window only, the default). No gradient clipping of the discriminator, as the authors.
+4. Pairs whose two samples are identical get no gold label and no DPO term (zero gradient). A gold tie is charged,
+   gives no discriminator data and keeps the silver order (in --labels gold it drops the pair); a skip (human)
+   is recorded and not charged.
+5. The samples' length is free up to --max_new_tokens (the authors draw max_new_tokens near 50 and do not force
+   EOS). Prompts are cut (their middle first) to leave --max_new_tokens of room within --max_length.
+6. --labels self uses beta * (log pi - log pi_0) of the response tokens (the authors' code reverses prompt and
+   response there and hard-codes the reference model).
+"""
+import argparse
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shlex
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common import (check_rows, crash_point, disable_dropout, encode_prompt, encode_response, fingerprint, from_pretrained,
+                    grouped_logps, load_model, load_rows, load_tokenizer, prompt_head_length, report_dropped,
+                    sample_responses, truncate)
+
+
+@dataclass
+class Args:
+    model: str = field(default=None, metadata={"help": "policy to train: hub id or local directory (default: the built-in toy model)"})
+    ref_model: str = field(default=None, metadata={"help": "frozen reference model; default: a frozen copy of --model's initial weights"})
+    dataset: str = field(default=None, metadata={"help": "prompts (a prompt column) or preference pairs (their prompts): hub name, .jsonl/.json/.parquet, or a save_to_disk folder (default: toy)"})
+    dataset_split: str = field(default="train", metadata={"help": "split of a hub dataset to train on"})
+    eval_dataset: str = field(default=None, metadata={"help": "held-out preference data; default: hold out --eval_fraction of --dataset's pairs (none for prompts only)"})
+    eval_fraction: float = field(default=0.02, metadata={"help": "fraction of --dataset's pairs held out when no --eval_dataset is given"})
+    max_eval_pairs: int = field(default=512, metadata={"help": "at most this many held-out pairs are evaluated"})
+    output_dir: str = field(default=None, metadata={"help": "where checkpoints, gold labels and metrics go (default: runs/d2po-<time>)"})
+    max_steps: int = field(default=None, metadata={"help": "policy steps (default: --epochs over the prompts; --labels gold stops when the budget is spent)"})
+    epochs: int = field(default=1, metadata={"help": "passes over the prompts, when --max_steps is not given"})
+    batch_size: int = field(default=8, metadata={"help": "prompts (pairs) per micro-batch of the DPO update"})
+    grad_accum: int = field(default=2, metadata={"help": "micro-batches per step (authors: 16 prompts a step)"})
+    learning_rate: float = field(default=1e-6, metadata={"help": "peak learning rate of the policy (authors: 5e-5 with LoRA)"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps, then constant"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw or rmsprop", "choices": ["adamw", "rmsprop"]})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=10.0, metadata={"help": "gradient clipping norm of the policy"})
+    beta: float = field(default=0.05, metadata={"help": "KL strength beta (paper: 0.05)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "cDPO label smoothing eps in [0, 0.5) (0 = plain DPO, as the paper)"})
+    max_length: int = field(default=512, metadata={"help": "max tokens of prompt + response; the prompt's middle is cut first"})
+    max_prompt_length: int = field(default=None, metadata={"help": "a cut prompt keeps at least this many tokens (default max_length // 2)"})
+    seed: int = field(default=0, metadata={"help": "seed of the prompt order, the sampling and everything random"})
+    eval_every: int = field(default=100, metadata={"help": "evaluate on the held-out pairs every N steps"})
+    save_every: int = field(default=500, metadata={"help": "write a checkpoint every N steps"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --output_dir from its newest checkpoint, reusing its gold labels"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
+    dtype: str = field(default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU",
+                                                 "choices": ["auto", "float32", "bfloat16", "float16"]})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
+    labels: str = field(default="d2po", metadata={"help": "what the policy trains on: gold + silver (d2po), gold only, a static discriminator, or its own implicit reward (self)",
+                                                  "choices": ["d2po", "gold", "static", "self"]})
+    gold: str = field(default=None, metadata={"help": "who gives gold labels: rm:<hub id or path> (a reward model), human (stdin), or toy (the toy's annotator, which knows only its sentiment words); needed with --model"})
+    gold_budget: int = field(default=1000, metadata={"help": "gold labels in all, --initial_gold included, across resumes (ties are charged)"})
+    gold_per_window: int = field(default=16, metadata={"help": "gold labels R per window (authors: 2-100)"})
+    silver_per_window: int = field(default=256, metadata={"help": "silver-only pairs after a window's gold is spent, before the next window opens"})
+    gold_select: str = field(default="conf", metadata={"help": "which pairs get gold: the least confident (smallest |s_a - s_b|) or random",
+                                                       "choices": ["conf", "rand"]})
+    initial_gold: int = field(default=0, metadata={"help": "gold-labelled pairs of the initial policy to train the discriminator on before step 1 (charged)"})
+    disc_model: str = field(default=None, metadata={"help": "the discriminator's initial weights (default: --model's, with a fresh scalar head)"})
+    disc_learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the discriminator (authors: 1e-4 with LoRA)"})
+    disc_epochs: int = field(default=4, metadata={"help": "epochs U over a window's gold pairs (authors: 2-8)"})
+    disc_batch_size: int = field(default=16, metadata={"help": "gold pairs per discriminator step (authors: 16)"})
+    disc_replay: bool = field(default=False, metadata={"help": "train the discriminator on all gold so far at each window, not the newest window only"})
+    max_new_tokens: int = field(default=256, metadata={"help": "most tokens a sampled response has"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (paper: 1)"})
+    sample_batch_size: int = field(default=64, metadata={"help": "sequences per batch when sampling and scoring"})
+    updates_per_step: int = field(default=1, metadata={"help": "policy updates on each step's pairs (authors' PPOUPDATES: 1; 1-8 in their gold-only baselines)"})
+
+
+# The toy task: dpo.py's toy settings where they apply; used when --model is not given.
+TOY_DEFAULTS = dict(learning_rate=1e-4, batch_size=16, grad_accum=1, warmup_steps=10, epochs=6, eval_every=40,
+                    save_every=100, max_length=128, max_new_tokens=64, sample_batch_size=256, gold_budget=256,
+                    gold_per_window=16, silver_per_window=48, disc_learning_rate=1e-4, initial_gold=32, gold="toy")
+positive, at_least_1 = (lambda v: 0 < v < math.inf, "a positive number"), (lambda v: v >= 1, "at least 1")
+ARG_CHECKS = dict(batch_size=at_least_1, grad_accum=at_least_1, epochs=at_least_1, eval_every=at_least_1,
+                  save_every=at_least_1, max_eval_pairs=at_least_1, max_length=(lambda v: v >= 2, "at least 2"),
+                  max_steps=(lambda v: v is None or v >= 1, "at least 1"),
+                  max_prompt_length=(lambda v: v is None or v >= 1, "at least 1"),
+                  warmup_steps=(lambda v: v >= 0, "0 or more"), weight_decay=(lambda v: 0 <= v < math.inf, "0 or more"),
+                  learning_rate=positive, beta=positive, max_grad_norm=positive,
+                  eval_fraction=(lambda v: 0 < v < 1, "between 0 and 1"),
+                  label_smoothing=(lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+                  gold=(lambda v: v in ("toy", "human") or (v or "").startswith("rm:") and len(v) > 3,
+                        "toy, human or rm:<hub id or path>, and given with --model"),
+                  gold_budget=(lambda v: v >= 0, "0 or more"), gold_per_window=at_least_1, silver_per_window=(lambda v: v >= 0, "0 or more"),
+                  initial_gold=(lambda v: v >= 0, "0 or more"), disc_learning_rate=positive, disc_epochs=at_least_1,
+                  disc_batch_size=at_least_1, max_new_tokens=at_least_1, temperature=positive, sample_batch_size=at_least_1,
+                  updates_per_step=at_least_1)
+RESUME_MAY_CHANGE = ("max_steps", "eval_every", "save_every")  # every other flag must match the run's
+
+
+# ---------------------------------------------------------------- arguments (TRY NOT TO MODIFY)
+def parse_args(argv=None):
+    """Flags as given, over the toy's defaults when --model is not given, over Args' defaults; every value is
+    checked here, before anything is read or written."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Args):
+        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        default = "" if f.default is None or f.type is bool else f" (default: {f.default}" + (
+            f"; toy: {TOY_DEFAULTS[f.name]})" if f.name in TOY_DEFAULTS else ")")
+        kind = dict(action="store_true") if f.type is bool else dict(type=f.type, choices=f.metadata.get("choices"))
+        parser.add_argument(*flags, **kind, default=argparse.SUPPRESS, help=f.metadata["help"] + default)
+    given = vars(parser.parse_args(argv))  # only the flags on the command line: an explicit one always wins
+    defaults = {f.name: f.default for f in dataclasses.fields(Args)}
+    args = Args(**{**defaults, **(TOY_DEFAULTS if "model" not in given else {}), **given})
+    for name, (ok, expected) in ARG_CHECKS.items():
+        if not ok(getattr(args, name)):
+            sys.exit(f"error: --{name} must be {expected} (got {getattr(args, name)})")
+    if args.dataset and not args.model:
+        sys.exit("error: --dataset needs --model (without --model, the built-in toy task runs on its own data)")
+    if args.resume and not args.output_dir:
+        sys.exit("error: --resume needs the --output_dir of the run to continue")
+    return args
+
+
+# ---------------------------------------------------------------- ALGO LOGIC: the loss
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+             beta, label_smoothing=0.0):
+    """Per-pair DPO loss (Eq. 7 of arXiv 2305.18290; cDPO if label_smoothing > 0) and implicit rewards."""
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps  # (B,) u(x, y_w)
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps  # (B,) u(x, y_l)
+    h = chosen_logratios - rejected_logratios  # (B,)
+    losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing  # (B,)
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def pair_logps(model, pairs, pad_token_id, device):
+    """Summed response log-probs of chosen and rejected, in one forward pass, each prompt computed once."""
+    logps, _ = grouped_logps(model, [(p, [c, r]) for p, c, r in pairs], pad_token_id, device)  # (2B,): c, r, c, r...
+    return logps[0::2], logps[1::2]
+
+
+def dpo_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps):
+    """TRL's metric names, as one tensor per name (means over the pairs)."""
+    return {"loss": losses.mean(), "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": policy_chosen_logps.detach().mean(), "logps/rejected": policy_rejected_logps.detach().mean()}
+
+
+
+# ---------------------------------------------------------------- ALGO LOGIC: the discriminator and the gold labels
+def bradley_terry_loss(chosen_scores, rejected_scores):
+    """Per-pair Bradley-Terry loss of the discriminator, - log sigmoid(r(x, y_w) - r(x, y_l)): (B,), (B,) -> (B,)."""
+    return -F.logsigmoid(chosen_scores - rejected_scores)
+
+
+def order_accuracy(scores_a, scores_b, a_wins):
+    """How often the scores order a pair as gold does (a score tie counts 1/2): (B,), (B,), (B,) bool -> float."""
+    agree = torch.where(a_wins, scores_a > scores_b, scores_b > scores_a).float() + 0.5 * (scores_a == scores_b).float()
+    return agree.mean().item()
+
+
+def gold_candidates(margins, eligible, n, how, generator):
+    """Which pairs of a step get gold labels: of the eligible ones, the n with the smallest |s_a - s_b| ("conf",
+    ties in the order of the batch) or n random ones ("rand"). margins (P,) = s_a - s_b, eligible (P,) bool."""
+    index = eligible.nonzero().squeeze(-1)  # (E,)
+    if how == "conf":
+        index = index[margins[index].abs().argsort(stable=True)]
+    else:
+        index = index[torch.randperm(len(index), generator=generator)]
+    return index[:n].tolist()
+
+
+def pair_order(margins, gold):
+    """Index (0 for a, 1 for b) of y_w of each pair: the gold winner where the pair has one ("a" / "b" in `gold`, a
+    dict pair -> label), else the higher silver score (a on a tie). margins (P,) = s_a - s_b."""
+    return [{"a": 0, "b": 1}.get(gold.get(i), 0 if m >= 0 else 1) for i, m in enumerate(margins.tolist())]
+
+
+@torch.no_grad()
+def response_logps(model, groups, pad_token_id, device, batch_size):
+    """(K,) summed log-probs of every response of the (prompt_ids, [response_ids, ...]) groups, in eval mode."""
+    out, was_training = [], model.training
+    model.eval()
+    per_batch = max(1, batch_size // max(len(r) for _, r in groups))
+    for s in range(0, len(groups), per_batch):
+        out.append(grouped_logps(model, groups[s:s + per_batch], pad_token_id, device)[0].float().cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def scalar_scores(model, rows, pad_token_id, device):
+    """r(x, y) of each token-id row from a sequence classifier with one output, at the row's last non-padding token
+    (right padding; transformers' pooling takes the rightmost token that is not the pad token): (B,) fp32."""
+    B, T = len(rows), max(map(len, rows))
+    input_ids = torch.full((B, T), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, T, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, :len(row)], attention_mask[i, :len(row)] = torch.tensor(row), 1
+    return model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits[:, 0].float()  # (B,)
+
+
+@torch.no_grad()
+def score_rows(model, rows, pad_token_id, device, batch_size):
+    """(N,) discriminator (or reward model) scores of token-id rows, in eval mode, batch_size rows at a time."""
+    was_training = model.training
+    model.eval()
+    out = torch.cat([scalar_scores(model, rows[s:s + batch_size], pad_token_id, device).cpu()
+                     for s in range(0, len(rows), batch_size)])
+    model.train(was_training)
+    return out
+
+
+def train_discriminator(model, optimizer, pairs, args, pad_token_id, device, generator):
+    """U epochs of the Bradley-Terry loss over `pairs` [(chosen_row, rejected_row)] in shuffled batches of
+    --disc_batch_size, continuing from the model's and optimizer's state; returns the last epoch's mean loss."""
+    model.train()
+    for _ in range(args.disc_epochs):
+        total = 0.0
+        for batch in torch.randperm(len(pairs), generator=generator).split(args.disc_batch_size):
+            chosen_rows, rejected_rows = zip(*[pairs[i] for i in batch.tolist()])
+            scores = scalar_scores(model, [*chosen_rows, *rejected_rows], pad_token_id, device)  # (2b,)
+            loss = bradley_terry_loss(scores[:len(batch)], scores[len(batch):]).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+    model.eval()
+    return total / len(pairs)
+
+
+class GoldLog:
+    """<output_dir>/gold.jsonl: one line per gold label, appended and flushed to disk the moment it arrives. A label
+    is found again by its pair's tokens; the budget counts the charged labels on disk (skips are free)."""
+
+    def __init__(self, path):
+        self.path, self.rows = path, {}
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                raw = f.read()
+            complete = raw[:raw.rfind(b"\n") + 1]  # a line cut short by a kill is dropped: that label is asked again
+            if len(complete) < len(raw):
+                with open(path, "r+b") as f:
+                    f.truncate(len(complete))
+            for line in complete.decode().splitlines():
+                row = json.loads(line)
+                self.rows[row["key"]] = row
+        self.charged = sum(row["label"] != "skip" for row in self.rows.values())
+        self.file = open(path, "a")
+
+    @staticmethod
+    def key(prompt_ids, a_ids, b_ids):
+        return hashlib.sha256(json.dumps([prompt_ids, a_ids, b_ids]).encode()).hexdigest()[:32]
+
+    def get(self, key):
+        return self.rows.get(key)
+
+    def append(self, row):
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.rows[row["key"]] = row
+        self.charged += row["label"] != "skip"
+
+
+class InputEnded(Exception):
+    """The human labeller's stdin ended."""
+
+
+def toy_gold(seed):
+    """The toy task's annotator: a noisy Bradley-Terry judge of the toy's gold reward (76% agreement with it on the
+    toy's pairs), drawn from a random stream of its own for each pair, so a label asked again is the same."""
+    import toy
+
+    def ask(pair):
+        ga, gb = toy.gold_reward(pair["a"]), toy.gold_reward(pair["b"])
+        rng = random.Random(f"{seed}/gold/{pair['key']}")
+        return "a" if toy.annotate(ga, gb, len(pair["a"].split()), len(pair["b"].split()), rng) else "b"
+    return ask
+
+
+def reward_model_gold(name, args, device):
+    """A Hugging Face sequence-classification reward model with one output as the judge: the higher score wins
+    (equal scores are a tie). Chat prompts are rendered with its tokenizer's chat template."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    config = from_pretrained(AutoConfig, name, "a reward model's config", trust_remote_code=args.trust_remote_code)
+    architectures = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
+        raise SystemExit(f"error: --gold rm:{name}: not a sequence-classification reward model with one output "
+                         f"(architectures {architectures}, num_labels {config.num_labels})")
+    tokenizer = load_tokenizer(name, args.trust_remote_code)
+    model = from_pretrained(AutoModelForSequenceClassification, name, "a reward model", trust_remote_code=args.trust_remote_code,
+                            dtype=torch_dtype(args.dtype, device)).to(device).eval()
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+    def ask(pair):
+        if isinstance(pair["raw_prompt"], list) and tokenizer.chat_template:
+            texts = [tokenizer.apply_chat_template(pair["raw_prompt"] + [{"role": "assistant", "content": pair[k]}],
+                                                   tokenize=False) for k in ("a", "b")]
+            rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        else:
+            rows = [tokenizer(pair["prompt"] + pair[k])["input_ids"] for k in ("a", "b")]
+        score_a, score_b = score_rows(model, rows, tokenizer.pad_token_id, device, 2).tolist()
+        return "a" if score_a > score_b else "b" if score_b > score_a else "tie"
+    return ask
+
+
+def human_gold(stdin=None, out=None):
+    """A terminal prompt: shows the prompt and both responses, reads 1, 2, t (tie) or s (skip) from stdin (a pipe
+    works); raises InputEnded when stdin ends."""
+    def ask(pair):
+        stream_in, stream_out = stdin or sys.stdin, out or sys.stderr
+        stream_out.write(f"\n=== prompt\n{pair['prompt']}\n=== response 1\n{pair['a']}\n=== response 2\n{pair['b']}\n"
+                         f"which is better? 1 / 2 / t (tie) / s (skip): ")
+        stream_out.flush()
+        while True:
+            line = stream_in.readline()
+            if not line:
+                raise InputEnded
+            answer = {"1": "a", "2": "b", "t": "tie", "s": "skip"}.get(line.strip().lower())
+            if answer:
+                return answer
+            stream_out.write("please type 1, 2, t or s: ")
+            stream_out.flush()
+    return ask
+
+
+def collect_gold(ask, log, pairs, budget, meta):
+    """Gold labels of `pairs` (dicts with key, prompt, a, b), in order: the one on disk if the pair has one, else
+    asked and appended to the log at once, while the charged labels on disk stay within `budget`. Returns the
+    labels of the pairs it could label (a prefix of `pairs`) and how many of them were asked now."""
+    labels, asked = [], 0
+    for pair in pairs:
+        row = log.get(pair["key"])
+        if row is None:
+            if log.charged >= budget:
+                break
+            label = ask(pair)  # may raise InputEnded
+            crash_point("gold")  # a kill here loses this label, which was not charged: asked again on resume
+            row = {"key": pair["key"], "label": label, **meta, "prompt": pair["prompt"], "response_a": pair["a"],
+                   "response_b": pair["b"]}
+            log.append(row)
+            asked += 1
+        labels.append(row["label"])
+    return labels, asked
+
+
+class TrainingState:
+    """The policy's optimizer plus what else a D2PO checkpoint needs (the discriminator's weights and optimizer, the
+    window bookkeeping): dpo.py's save_checkpoint and restore see it as one optimizer."""
+
+    def __init__(self, optimizer, discriminator, disc_optimizer, window):
+        self.optimizer, self.discriminator, self.disc_optimizer, self.window = optimizer, discriminator, disc_optimizer, window
+
+    def state_dict(self):
+        return {"policy": self.optimizer.state_dict(), "window": copy.deepcopy(self.window),
+                "discriminator": self.discriminator.state_dict() if self.discriminator else None,
+                "disc_optimizer": self.disc_optimizer.state_dict() if self.disc_optimizer else None}
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state["policy"])
+        self.window.clear()
+        self.window.update(state["window"])
+        if self.discriminator:
+            self.discriminator.load_state_dict(state["discriminator"])
+            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+
+
+def new_window_state(args):
+    return {"number": 1, "open": True, "left": args.gold_per_window, "silver": 0, "pairs": [], "all_gold": [],
+            "accuracies": [], "disc_loss": None, "gold_used": 0, "ended": False}
+
+
+# ---------------------------------------------------------------- data
+def load_pairs(source, tokenizer, args, split="train", rows=None):
+    """Tokenised (prompt_ids, chosen_ids, rejected_ids) triples; unusable rows are dropped and counted."""
+    rows = load_rows(source, ["prompt", "chosen", "rejected"], split) if rows is None else rows
+    text = lambda v: v if isinstance(v, str) else "".join(m["content"] for m in v)
+    dropped = {"empty prompt or response": [], "chosen identical to rejected": [],
+               "prompt alone longer than --max_length": []}
+    pairs, n_cut = [], 0
+    for i, row in enumerate(tqdm(rows, desc=f"tokenizing {source}", disable=len(rows) < 10000), 1):
+        if not all(text(row[k]).strip() for k in ("prompt", "chosen", "rejected")):
+            dropped["empty prompt or response"].append(i)
+        elif row["chosen"] == row["rejected"]:
+            dropped["chosen identical to rejected"].append(i)
+        else:
+            prompt = encode_prompt(tokenizer, row["prompt"])
+            if len(prompt) >= args.max_length:
+                dropped["prompt alone longer than --max_length"].append(i)
+                continue
+            responses = [encode_response(tokenizer, row["prompt"], row[k]) for k in ("chosen", "rejected")]
+            prompt, (chosen, rejected), cut = truncate(prompt, responses, args.max_length, args.max_prompt_length,
+                                                       prompt_head_length(tokenizer, row["prompt"], prompt))
+            pairs.append((prompt, chosen, rejected))
+            n_cut += cut
+    report_dropped(source, dropped, len(rows))
+    if n_cut:
+        print(f"{source}: truncated {n_cut} of {len(pairs)} pairs to --max_length {args.max_length}")
+    return pairs
+
+
+
+
+def load_data(args, tokenizer):
+    """Training prompts [(prompt as given, prompt_ids)], distinct, each cut to leave --max_new_tokens of room; and
+    held-out pairs: --eval_dataset, or --eval_fraction of --dataset's pairs (by a seeded shuffle) if it has pairs."""
+    rows = load_rows(args.dataset, ["prompt"], args.dataset_split)  # a prompt column, or the prompts of pairs
+    paired = bool(rows) and {"chosen", "rejected"} <= set(rows[0])
+    if paired:
+        check_rows(args.dataset, rows, ["prompt", "chosen", "rejected"])
+    text = lambda v: v if isinstance(v, str) else "".join(m["content"] for m in v)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    usable = [i for i in order if paired and all(text(rows[i][k]).strip() for k in ("prompt", "chosen", "rejected"))
+              and rows[i]["chosen"] != rows[i]["rejected"]]  # pairs that can be held out
+    n_eval = 0 if args.eval_dataset or not usable else max(1, min(args.max_eval_pairs, int(len(rows) * args.eval_fraction)))
+    held = set(usable[:n_eval])
+    held_out = (load_pairs(args.eval_dataset, tokenizer, args, "test") if args.eval_dataset else
+                load_pairs(args.dataset, tokenizer, args, rows=[rows[i] for i in usable[:n_eval]]) if n_eval else [])
+    max_prompt_length = min(args.max_prompt_length or args.max_length // 2, args.max_length - args.max_new_tokens)
+    dropped, prompts, seen, n_cut = {"empty prompt": [], "repeated prompt": []}, [], set(), 0
+    for i in (i for i in range(len(rows)) if i not in held):
+        prompt, key = rows[i]["prompt"], json.dumps(rows[i]["prompt"])
+        if not text(prompt).strip():
+            dropped["empty prompt"].append(i + 1)
+        elif key in seen:
+            dropped["repeated prompt"].append(i + 1)
+        else:
+            seen.add(key)
+            ids = encode_prompt(tokenizer, prompt)
+            ids, _, cut = truncate(ids, [[0] * args.max_new_tokens], args.max_length, max_prompt_length,
+                                   prompt_head_length(tokenizer, prompt, ids))
+            prompts.append((prompt, ids))
+            n_cut += cut
+    report_dropped(args.dataset, {k: v for k, v in dropped.items() if k != "repeated prompt"}, len(rows) - n_eval)
+    if n_cut:
+        print(f"{args.dataset}: cut {n_cut} of {len(prompts)} prompts to leave --max_new_tokens {args.max_new_tokens} "
+              f"of --max_length {args.max_length}")
+    print(f"{len(prompts)} distinct training prompts, {len(held_out[:args.max_eval_pairs])} held-out pairs")
+    return prompts, held_out[:args.max_eval_pairs]
+
+
+
+@torch.no_grad()
+def evaluate(policy, pairs, ref, args, pad_token_id, device):
+    """Mean DPO metrics on held-out pairs, TRL's names with the eval_ prefix; the policy in eval mode."""
+    totals, was_training = {}, policy.training
+    policy.eval()
+    for s in range(0, len(pairs), 2 * args.batch_size):
+        chunk = pairs[s:s + 2 * args.batch_size]
+        policy_logps = pair_logps(policy, chunk, pad_token_id, device)
+        ref_logps = ref(chunk, range(s, s + len(chunk)), "eval")
+        metrics = dpo_metrics(*dpo_loss(*policy_logps, *ref_logps, args.beta, args.label_smoothing), *policy_logps)
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + v.item() * len(chunk)
+    policy.train(was_training)
+    return {f"eval_{k}": v / len(pairs) for k, v in totals.items()}
+
+
+
+# ---------------------------------------------------------------- the run directory (TRY NOT TO MODIFY)
+def check_output_dir(args):
+    """Refuse, before anything is loaded or written, a directory this run may not use: a file, a read-only
+    place, another run's files without --resume, or --resume where no run is. Returns the newest checkpoint
+    to resume from, or None (a run killed before its first checkpoint restarts from step 0)."""
+    directory = args.output_dir
+    if directory and os.path.exists(directory) and not os.path.isdir(directory):
+        sys.exit(f"error: --output_dir {directory} is a file")
+    parent = directory if directory and os.path.isdir(directory) else os.path.dirname(os.path.abspath(directory or "runs"))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        sys.exit(f"error: --output_dir {directory}: cannot write in {parent}")
+    if args.resume:
+        if not os.path.exists(os.path.join(directory, "args.json")):
+            sys.exit(f"error: --resume: no run to continue in {directory} (no args.json)")
+        checkpoints = list_checkpoints(directory)
+        return checkpoints[-1] if checkpoints else None
+    if directory and os.path.isdir(directory) and os.listdir(directory):
+        sys.exit(f"error: --output_dir {directory} already holds files (another run?); pass --resume to continue "
+                 f"it, or choose another --output_dir")
+    return None
+
+
+def run_record(args, tokenizer):
+    """What the checkpoints and the reference cache depend on: every flag, and the content of every input."""
+    inputs = {name: fingerprint(getattr(args, name)) for name in ("model", "ref_model", "dataset", "eval_dataset")}
+    vocabulary = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.chat_template, tokenizer.eos_token])
+    inputs["tokenizer"] = hashlib.sha256(vocabulary.encode()).hexdigest()
+    flags = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("output_dir", "resume")}  # not the run's
+    return {"args": flags, "inputs": inputs}
+
+
+def check_resume(args, record):
+    """A resumed run must have the flags and inputs of the run it continues, except RESUME_MAY_CHANGE."""
+    path = os.path.join(args.output_dir, "args.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except ValueError as e:
+        sys.exit(f"error: {path}: not the record of a run ({e})")
+    for section, values in record.items():
+        for name, value in values.items():
+            if name not in RESUME_MAY_CHANGE and saved.get(section, {}).get(name) != value:
+                what = f"--{name}" if section == "args" else f"the content of --{name}"
+                sys.exit(f"error: --resume: {what} differs from the run in {args.output_dir} ({saved.get(section, {}).get(name)!r} "
+                         f"there, {value!r} here); a resumed run may change only --{', --'.join(RESUME_MAY_CHANGE)}")
+
+
+def claim_output_dir(args, record):
+    """Make the directory this run's alone: args.json is linked into place, which fails if another run got there
+    first (then the default name takes a suffix; an explicit --output_dir is an error)."""
+    base = args.output_dir or time.strftime(f"runs/{os.path.basename(__file__)[:-3]}-%Y%m%d-%H%M%S")
+    for n in range(1000):
+        directory = base if n == 0 else f"{base}-{n}"
+        try:
+            os.makedirs(directory, exist_ok=True)
+            tmp = os.path.join(directory, f".args-{os.getpid()}.json")
+            with open(tmp, "w") as f:
+                json.dump(record, f, indent=1)
+            try:
+                os.link(tmp, os.path.join(directory, "args.json"))  # atomic, and fails if the file exists
+            finally:
+                os.remove(tmp)
+            args.output_dir = directory
+            return directory
+        except FileExistsError:
+            if args.output_dir:
+                sys.exit(f"error: --output_dir {directory} was just taken by another run; choose another --output_dir")
+        except OSError as e:
+            sys.exit(f"error: --output_dir {directory}: {e}")
+
+
+# ---------------------------------------------------------------- checkpoints and metrics (TRY NOT TO MODIFY)
+def save_checkpoint(directory, policy, tokenizer, optimizer, scheduler, step):
+    """Write checkpoint-<step> into a temporary directory, then rename it, then delete the older ones: a kill at
+    any instant leaves at least one complete checkpoint."""
+    final = os.path.join(directory, f"checkpoint-{step}")
+    if os.path.exists(final):
+        return final
+    tmp = os.path.join(directory, f".tmp-checkpoint-{step}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp)  # safetensors
+    tokenizer.save_pretrained(tmp)
+    crash_point("checkpoint")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               os.path.join(tmp, "training_state.pt"))
+    os.rename(tmp, final)
+    for old in list_checkpoints(directory)[:-1]:  # keep only the newest
+        shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(directory):
+    found = [d for d in os.listdir(directory) if d.startswith("checkpoint-")] if os.path.isdir(directory) else []
+    return [os.path.join(directory, d) for d in sorted(found, key=lambda d: int(d.split("-")[1]))]
+
+
+def restore(checkpoint, optimizer, scheduler):
+    """Optimizer, scheduler and random state of a checkpoint; returns its step."""
+    state = torch.load(os.path.join(checkpoint, "training_state.pt"), weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    if state["cuda_rng"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    print(f"resuming from {checkpoint} at step {state['step']}")
+    return state["step"]
+
+
+def finished(directory, start_step, max_steps):
+    """The final model is written last, and its config.json last of all: present means the run completed."""
+    return start_step >= max_steps and os.path.exists(os.path.join(directory, "config.json"))
+
+
+def save_final(directory, policy, tokenizer):
+    """The final model in the output directory itself (so --model <output_dir> works), config.json last."""
+    tmp = os.path.join(directory, ".tmp-final")
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for name in sorted(os.listdir(tmp), key=lambda name: name == "config.json"):
+        os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+    os.rmdir(tmp)
+    print(f"saved the final model to {directory}")
+
+
+def open_metrics(directory, start_step):
+    """metrics.jsonl without what an interrupted run logged after its checkpoint; returns log(row), which puts
+    each row on disk before it returns."""
+    path = os.path.join(directory, "metrics.jsonl")
+    kept = []
+    if start_step and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                with contextlib.suppress(ValueError):  # a line cut short by a kill
+                    row = json.loads(line)
+                    kept += [line] if row["step"] <= start_step and not any(k.startswith("toy/") for k in row) else []
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    metrics_file = open(path, "a")
+
+    def log(row):
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        os.fsync(metrics_file.fileno())
+    return log
+
+
+def stop(message, directory):
+    last = list_checkpoints(directory)
+    raise SystemExit(f"error: {message}; stopping. Last good checkpoint: {last[-1] if last else 'none'}")
+
+
+@contextlib.contextmanager
+def interrupts(resume_command):
+    """SIGINT (Ctrl-C) and SIGTERM: while `stop_after_step` is set, ask the loop to stop after this step
+    (`requested`); otherwise, or a second time, stop at once. Either way the last line says how to continue."""
+    state = {"stop_after_step": False, "requested": None}
+
+    def handler(signum, frame):
+        if state["stop_after_step"] and not state["requested"]:
+            state["requested"] = signum
+            tqdm.write(f"{signal.Signals(signum).name}: stopping after this step (send it again to stop at once)")
+        else:
+            raise KeyboardInterrupt
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield state
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted. {resume_command() or 'Nothing was written.'}")
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def resume_command(args, argv):
+    """'Continue with: <the command line that continues this run>', or None before the run has its directory."""
+    if not args.output_dir or not os.path.exists(os.path.join(args.output_dir, "args.json")):
+        return None
+    command = [sys.argv[0], *sys.argv[1:]] if argv is None else [os.path.basename(__file__), *argv]
+    command += [] if any(a.startswith(("--output_dir", "--output-dir")) for a in command) else ["--output_dir", args.output_dir]
+    return "Continue with: " + shlex.join(["python", *command] + ([] if "--resume" in command else ["--resume"]))
+
+
+# ---------------------------------------------------------------- models, sampling
+def torch_dtype(name, device):
+    """common.load_model's choice: bf16 on a CUDA device that has it, fp32 elsewhere, unless --dtype says otherwise."""
+    if name == "auto":
+        name = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    return getattr(torch, name)
+
+
+def load_discriminator(args, device):
+    """The discriminator r_phi: --disc_model (default --model) as a sequence classifier with one output, a fresh
+    scalar head on a causal LM's weights; dropout off. Returns it and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging
+    name = args.disc_model or args.model
+    tokenizer = load_tokenizer(name, args.trust_remote_code)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # "some weights (the score head) are newly initialized": expected here
+    try:
+        model = from_pretrained(AutoModelForSequenceClassification, name, "a sequence classifier (the discriminator)",
+                                num_labels=1, dtype=torch_dtype(args.dtype, device), trust_remote_code=args.trust_remote_code)
+    finally:
+        logging.set_verbosity(verbosity)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return disable_dropout(model).to(device).eval(), tokenizer
+
+
+def sample_pairs(policy, tokenizer, prompt_ids, args, seed):
+    """Two samples y_a, y_b of the policy for each prompt, batched with the KV cache, from a seed of the step's own."""
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        torch.manual_seed(seed)
+        responses = sample_responses(policy, tokenizer, prompt_ids + prompt_ids, args.max_new_tokens, args.temperature,
+                                     args.sample_batch_size)
+    crash_point("sample")
+    return responses[:len(prompt_ids)], responses[len(prompt_ids):]
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch on n CPU threads inside the block. The toy's model is too small to share an operation among threads:
+    on 2 busy cores, 512 samples of it took 51 s with 2 threads and 3.7 s with one, a DPO step 4x as long."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def close_window(w, args, discriminator, disc_optimizer, pad_token_id, device):
+    """A window's gold is spent: the discriminator's accuracy on it (with the scores it had when the pairs were
+    labelled, so before training on them), then, for --labels d2po, U epochs on it (or on all gold, --disc_replay)."""
+    if w["pairs"]:
+        w["accuracies"].append(order_accuracy(torch.tensor([p["score_chosen"] for p in w["pairs"]]),
+                                              torch.tensor([p["score_rejected"] for p in w["pairs"]]),
+                                              torch.ones(len(w["pairs"]), dtype=torch.bool)))
+        if discriminator is not None:
+            w["all_gold"] += [(p["chosen"], p["rejected"]) for p in w["pairs"]] if args.disc_replay else []
+            data = w["all_gold"] if args.disc_replay else [(p["chosen"], p["rejected"]) for p in w["pairs"]]
+            generator = torch.Generator().manual_seed(args.seed * 1000 + w["number"])
+            w["disc_loss"] = train_discriminator(discriminator, disc_optimizer, data, args, pad_token_id, device, generator)
+            if not math.isfinite(w["disc_loss"]):
+                raise SystemExit(f"error: the discriminator's loss is {w['disc_loss']} after window {w['number']}")
+    w.update(pairs=[], open=False, left=0, silver=0, number=w["number"] + 1)
+
+
+# ---------------------------------------------------------------- main
+def main(argv=None):
+    args = parse_args(argv)  # every flag checked; nothing read or written yet
+    if args.max_new_tokens >= args.max_length:
+        sys.exit(f"error: --max_new_tokens {args.max_new_tokens} must be less than --max_length {args.max_length}")
+    if args.initial_gold and args.labels in ("gold", "self"):
+        sys.exit(f"error: --initial_gold trains the discriminator, which --labels {args.labels} does not have")
+    if args.labels == "static" and not args.initial_gold:
+        sys.exit("error: --labels static needs --initial_gold N: its discriminator is trained once, on those labels")
+    if args.initial_gold > args.gold_budget:
+        sys.exit(f"error: --initial_gold {args.initial_gold} is more than --gold_budget {args.gold_budget}")
+    checkpoint = check_output_dir(args)  # reads only
+    with interrupts(lambda: resume_command(args, argv)) as signals:
+        toy = None
+        if args.model is None:  # the built-in toy task
+            import toy
+            toy_dir = toy.ensure_built()
+            args.model, args.dataset = os.path.join(toy_dir, "sft"), os.path.join(toy_dir, "train_pairs.jsonl")
+            args.eval_dataset = args.eval_dataset or os.path.join(toy_dir, "test_pairs.jsonl")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+        prompts, held_out = load_data(args, tokenizer)
+        prompts_per_step = args.batch_size * args.grad_accum
+        steps_per_epoch = len(prompts) // prompts_per_step
+        if steps_per_epoch == 0:
+            sys.exit(f"error: --batch_size {args.batch_size} x --grad_accum {args.grad_accum} = {prompts_per_step} prompts "
+                     f"per step, but {args.dataset} gives only {len(prompts)} distinct training prompts")
+        max_steps = args.max_steps or args.epochs * steps_per_epoch
+        record = run_record(args, tokenizer)
+        record["inputs"].update(disc_model=fingerprint(args.disc_model),
+                                gold=fingerprint(args.gold[3:]) if args.gold.startswith("rm:") else args.gold)
+        if args.resume:
+            check_resume(args, record)
+        random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        policy = load_model(checkpoint or args.model, args.dtype, device, args.trust_remote_code)
+        if args.gradient_checkpointing:
+            enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
+            enable({"use_reentrant": False})  # the name since transformers 5.x; the old one before
+        # pi_0 for the fresh samples: a frozen copy of the initial weights (see the docstring for its memory)
+        reference = load_model(args.ref_model or args.model, args.dtype, device, args.trust_remote_code)
+        reference.eval().requires_grad_(False)
+        discriminator = disc_tokenizer = disc_optimizer = None
+        if args.labels in ("d2po", "static"):
+            discriminator, disc_tokenizer = load_discriminator(args, device)
+            disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=args.disc_learning_rate)
+        ask = (toy_gold(args.seed) if args.gold == "toy" else human_gold() if args.gold == "human" else
+               reward_model_gold(args.gold[3:], args, device))
+        if not args.resume:
+            claim_output_dir(args, record)  # only now: a run that fails on its inputs leaves nothing behind
+        ref = lambda chunk, idx, split: pair_logps(reference, chunk, tokenizer.pad_token_id, device)
+        same_vocab = disc_tokenizer is None or disc_tokenizer.get_vocab() == tokenizer.get_vocab()
+        to_disc = lambda p, r: ((p + r) if same_vocab else disc_tokenizer(tokenizer.decode(p + r))["input_ids"])[-args.max_length:]
+        decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        disc_pad = disc_tokenizer.pad_token_id if disc_tokenizer else None
+
+        # optimizer, linear warm-up then constant
+        if args.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+                                          fused=True)  # one kernel per step: 1.1-1.2x faster steps at vocab 128k (bench/)
+        else:
+            optimizer = torch.optim.RMSprop(policy.parameters(), lr=args.learning_rate)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
+        window = new_window_state(args)
+        state = TrainingState(optimizer, discriminator, disc_optimizer, window)  # saved and restored as "the optimizer"
+        start_step = restore(checkpoint, state, scheduler) if checkpoint else 0
+        if finished(args.output_dir, start_step, max_steps):
+            print(f"{args.output_dir}: this run is complete ({start_step} steps); nothing to do")
+            return
+        gold_log = GoldLog(os.path.join(args.output_dir, "gold.jsonl"))
+
+        def pair_items(batch, responses_a, responses_b):
+            return [dict(key=GoldLog.key(ids, a, b), prompt=decode(ids), a=decode(a), b=decode(b), raw_prompt=raw)
+                    for (raw, ids), a, b in zip(batch, responses_a, responses_b)]
+
+        step = start_step
+        try:
+            with torch_threads(1 if toy else None):
+                if toy:  # the toy's gold reward, length and KL of samples before training
+                    toy_prompts = toy.test_prompts(toy_dir)
+                    before = toy.evaluate(reference, reference, tokenizer, toy_prompts, seed=args.seed)
+
+                if args.initial_gold and not checkpoint:  # gold labels of the initial policy's samples, before step 1
+                    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
+                    batch = [prompts[order[i % len(prompts)]] for i in range(args.initial_gold)]
+                    responses_a, responses_b = sample_pairs(reference, tokenizer, [ids for _, ids in batch], args, args.seed * 1000003)
+                    items = [item for item, a, b in zip(pair_items(batch, responses_a, responses_b), responses_a, responses_b) if a != b]
+                    labels, _ = collect_gold(ask, gold_log, items, args.gold_budget, {"step": 0, "window": 0})
+                    window["gold_used"] = sum(label != "skip" for label in labels)
+                    rows = [(to_disc(ids, a), to_disc(ids, b)) for (_, ids), a, b in zip(batch, responses_a, responses_b) if a != b]
+                    scores = score_rows(discriminator, [r for pair in rows for r in pair], disc_pad, device, args.sample_batch_size).view(-1, 2)
+                    window.update(pairs=[{"chosen": rows[i][label == "b"], "rejected": rows[i][label == "a"],
+                                          "score_chosen": scores[i, int(label == "b")].item(),
+                                          "score_rejected": scores[i, int(label == "a")].item()}
+                                         for i, label in enumerate(labels) if label in ("a", "b")], number=0)
+                    close_window(window, args, discriminator, disc_optimizer, disc_pad, device)  # window 0
+                    window.update(open=args.labels == "d2po", left=args.gold_per_window)
+
+                # ---------------------------------------------------------------- the training loop
+                log = open_metrics(args.output_dir, start_step)  # forgets what a killed run logged after its checkpoint
+                if start_step == 0 and held_out:
+                    log({"step": 0, **evaluate(policy, held_out, ref, args, tokenizer.pad_token_id, device)})
+                policy.train()
+                signals["stop_after_step"] = True  # from here Ctrl-C / SIGTERM finish the step and save first
+                save_seconds = 3 * sum(p.numel() * p.element_size() for p in policy.parameters()) / 2e8  # a guess at 200 MB/s
+                bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc=f"d2po ({args.labels})")
+                for step in bar:
+                    epoch, position = divmod(step, steps_per_epoch)  # the prompts follow from the step: resumable
+                    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed + 1 + epoch))
+                    batch = [prompts[i] for i in order[position * prompts_per_step:(position + 1) * prompts_per_step].tolist()]
+                    responses_a, responses_b = sample_pairs(policy, tokenizer, [ids for _, ids in batch], args,
+                                                            args.seed * 1000003 + step + 1)
+                    groups = [(ids, [a, b]) for (_, ids), a, b in zip(batch, responses_a, responses_b)]
+                    reference_logps = response_logps(reference, groups, tokenizer.pad_token_id, device,
+                                                     args.sample_batch_size).view(-1, 2)  # (P, 2) log pi_0 of y_a, y_b
+                    crash_point("reference")
+                    items = pair_items(batch, responses_a, responses_b)
+                    eligible = torch.tensor([a != b for a, b in zip(responses_a, responses_b)])  # (P,)
+
+                    # silver scores s(x, y_a), s(x, y_b): the discriminator, or the policy's implicit reward
+                    if discriminator is not None:
+                        rows = [to_disc(ids, r) for ids, pair in groups for r in pair]
+                        scores = score_rows(discriminator, rows, disc_pad, device, args.sample_batch_size).view(-1, 2)  # (P, 2)
+                    elif args.labels == "self":
+                        scores = args.beta * (response_logps(policy, groups, tokenizer.pad_token_id, device,
+                                                             args.sample_batch_size).view(-1, 2) - reference_logps)  # (P, 2)
+                    else:
+                        scores = torch.zeros(len(batch), 2)
+                    margins = scores[:, 0] - scores[:, 1]  # (P,)
+
+                    # gold labels: in windows on the least confident pairs (gold: every pair) while the budget lasts
+                    w = copy.deepcopy(window)  # the step's bookkeeping, committed when the step is done
+                    if args.labels in ("d2po", "self") and not w["open"] and w["silver"] >= args.silver_per_window \
+                            and w["gold_used"] < args.gold_budget:
+                        w.update(open=True, left=args.gold_per_window)
+                    was_open, gold = w["open"] and args.labels in ("d2po", "self"), {}
+                    if args.labels == "gold" or was_open:
+                        n = len(batch) if args.labels == "gold" else w["left"]
+                        chosen = gold_candidates(margins, eligible, n, args.gold_select if args.labels != "gold" else "conf",
+                                                 torch.Generator().manual_seed(args.seed * 1000003 + step + 1))
+                        labels, _ = collect_gold(ask, gold_log, [items[i] for i in chosen], args.gold_budget,
+                                                 {"step": step + 1, "window": w["number"] if was_open else None})
+                        gold = dict(zip(chosen, labels))
+                        charged = sum(label != "skip" for label in labels)
+                        w["gold_used"] += charged
+                        if was_open:
+                            w["left"] -= charged
+                            for i, label in gold.items():
+                                if label in ("a", "b"):
+                                    win = int(label == "b")
+                                    w["pairs"].append({"chosen": to_disc(groups[i][0], groups[i][1][win]) if discriminator else None,
+                                                       "rejected": to_disc(groups[i][0], groups[i][1][1 - win]) if discriminator else None,
+                                                       "score_chosen": scores[i, win].item(), "score_rejected": scores[i, 1 - win].item()})
+                            if w["left"] <= 0 or len(labels) < len(chosen) or w["gold_used"] >= args.gold_budget:
+                                close_window(w, args, discriminator if args.labels == "d2po" else None, disc_optimizer, disc_pad, device)
+                    if args.labels in ("d2po", "self") and not was_open:
+                        w["silver"] += int(eligible.sum())
+                    if args.labels == "gold" and not any(label in ("a", "b") for label in gold.values()) \
+                            and w["gold_used"] >= args.gold_budget:
+                        if step > 0:
+                            save_checkpoint(args.output_dir, policy, tokenizer, state, scheduler, step)
+                        tqdm.write(f"the gold budget ({args.gold_budget}) is spent: online DPO on gold labels stops after step {step}")
+                        max_steps = step
+                        break
+
+                    # the step's pairs: the gold order where there is one, else the silver order
+                    winners = pair_order(margins, gold)
+                    keep = [i for i in range(len(batch)) if eligible[i] and (args.labels != "gold" or gold.get(i) in ("a", "b"))]
+                    step_pairs = [(groups[i][0], groups[i][1][winners[i]], groups[i][1][1 - winners[i]]) for i in keep]
+                    kept, first = torch.tensor(keep, dtype=torch.long), torch.tensor(winners, dtype=torch.long)[keep]
+                    step_reference = torch.stack([reference_logps[kept, first], reference_logps[kept, 1 - first]], -1)  # (n, 2)
+                    n_gold = sum(gold.get(i) in ("a", "b") for i in keep)
+
+                    # DPO updates on the step's pairs against the fixed pi_0 (mean over the pairs: deviation 2)
+                    for update in range(args.updates_per_step):
+                        sums = {}
+                        for s in range(0, len(step_pairs), args.batch_size):
+                            chunk = step_pairs[s:s + args.batch_size]
+                            policy_chosen_logps, policy_rejected_logps = pair_logps(policy, chunk, tokenizer.pad_token_id, device)
+                            reference_chosen_logps, reference_rejected_logps = step_reference[s:s + args.batch_size].to(device).unbind(-1)
+                            losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen_logps, policy_rejected_logps,
+                                                                                reference_chosen_logps, reference_rejected_logps,
+                                                                                args.beta, args.label_smoothing)
+                            (losses.sum() / len(step_pairs)).backward()
+                            metrics = dpo_metrics(losses.detach(), chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
+                            sums = {k: sums.get(k, 0) + v * len(chunk) / len(step_pairs) for k, v in metrics.items()}
+                        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                        values = torch.stack([*sums.values(), grad_norm.float()]).tolist()  # the update's one host sync
+                        if update == 0:
+                            row = dict(zip([*sums, "grad_norm"], values))  # the first update's: on the samples' policy
+                        if not all(map(math.isfinite, values)):
+                            stop(f"non-finite loss or gradient at step {step + 1} ({dict(zip([*sums, 'grad_norm'], values))})",
+                                 args.output_dir)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    window.clear()
+                    window.update(w)  # the step is done
+                    crash_point("step")
+                    row.update(step=step + 1, epoch=round((step + 1) / steps_per_epoch, 3), learning_rate=scheduler.get_last_lr()[0])
+                    row.update({"gold/used": w["gold_used"], "gold/pairs": n_gold, "silver/pairs": len(keep) - n_gold,
+                                "disc/accuracy": (w["accuracies"] or [None])[-1], "disc/loss": w["disc_loss"],
+                                "window": w["number"]})
+                    if args.gold == "toy":  # the gold program: the step's mean gold reward, how often silver orders as it does
+                        rewards = torch.tensor([[toy_reward(item[k]) for k in ("a", "b")] for item in items])  # (P, 2)
+                        row["gold/reward"] = rewards.mean().item()
+                        differ = eligible & (rewards[:, 0] != rewards[:, 1])  # (P,)
+                        if args.labels != "gold" and differ.any():
+                            row["silver/agreement"] = order_accuracy(scores[differ, 0], scores[differ, 1],
+                                                                     rewards[differ, 0] > rewards[differ, 1])
+                    bar.set_postfix(loss=f"{row.get('loss', math.nan):.4f}", gold=w["gold_used"],
+                                    disc_acc=f"{(w['accuracies'] or [math.nan])[-1]:.2f}")
+                    if held_out and ((step + 1) % args.eval_every == 0 or step + 1 == max_steps):
+                        row.update(evaluate(policy, held_out, ref, args, tokenizer.pad_token_id, device))
+                        tqdm.write(f"step {step + 1}: eval loss {row['eval_loss']:.4f}, "
+                                   f"accuracy {row['eval_rewards/accuracies']:.3f}, margin {row['eval_rewards/margins']:.3f}")
+                    log(row)
+                    if (step + 1) % args.save_every == 0 or step + 1 == max_steps or signals["requested"] and save_seconds < 10:
+                        started = time.time()
+                        save_checkpoint(args.output_dir, policy, tokenizer, state, scheduler, step + 1)
+                        save_seconds = time.time() - started
+                    if signals["requested"]:
+                        bar.close()
+                        print(f"stopped after step {step + 1}; newest checkpoint: "
+                              f"{(list_checkpoints(args.output_dir) or ['none (a resume starts at step 0)'])[-1]}. "
+                              f"{resume_command(args, argv) or ''}", file=sys.stderr)
+                        raise SystemExit(128 + signals["requested"])
+                signals["stop_after_step"] = False
+
+                if toy:
+                    after = toy.evaluate(policy, reference, tokenizer, toy_prompts, seed=args.seed)
+                    log({"step": max_steps, **{f"toy/{k}_before": v for k, v in before.items()},
+                         **{f"toy/{k}_after": v for k, v in after.items()}})
+                    print(f"toy task, {len(toy_prompts)} test prompts, one sample each:\n"
+                          f"  gold reward {before['gold_reward']:+.3f} -> {after['gold_reward']:+.3f}   "
+                          f"length {before['length']:.1f} -> {after['length']:.1f} words   "
+                          f"KL(policy || reference) {before['kl']:.2f} -> {after['kl']:.2f} nats")
+        except InputEnded:  # the human labeller's stdin ended: keep the finished steps and every label, and stop
+            signals["stop_after_step"] = False
+            if step > start_step:
+                save_checkpoint(args.output_dir, policy, tokenizer, state, scheduler, step)
+            print(f"\nstdin ended: {gold_log.charged} gold labels are in {gold_log.path}; the run stopped after step "
+                  f"{step}. {resume_command(args, argv) or ''}", file=sys.stderr)
+            return
+        accuracies = window["accuracies"]
+        print(f"gold labels: {window['gold_used']} used of --gold_budget {args.gold_budget} ({gold_log.charged} in "
+              f"{gold_log.path})" + (f"; discriminator accuracy against gold on each new window, before training on it: "
+                                     f"{accuracies[0]:.2f} (first) -> {accuracies[-1]:.2f} (newest), mean "
+                                     f"{sum(accuracies) / len(accuracies):.2f} over {len(accuracies)} windows" if accuracies else ""))
+        if discriminator is not None:
+            discriminator.save_pretrained(os.path.join(args.output_dir, "discriminator"))
+            disc_tokenizer.save_pretrained(os.path.join(args.output_dir, "discriminator"))
+        save_final(args.output_dir, policy, tokenizer)  # last: its presence marks the run complete
+
+
+def toy_reward(text):
+    import toy
+    return toy.gold_reward(text)
+
+
+if __name__ == "__main__":
+    main()
