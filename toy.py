@@ -304,6 +304,28 @@ def ensure_built(directory=DEFAULT_DIR):
     return directory
 
 
+def relabelled_pairs(directory=DEFAULT_DIR, length_bias=0.0, seed=0):
+    """The toy's training pairs, the same two samples each, reordered by a fresh annotator with `length_bias`
+    (see annotate; from the gold rewards already in the file, no re-sampling); deterministic from seed. Written
+    once beside the toy as train_pairs-length_bias<b>-seed<s>.jsonl (atomically, the same bytes every time) and
+    returned as that path. What build writes is untouched."""
+    path = os.path.join(directory, f"train_pairs-length_bias{float(length_bias):g}-seed{seed}.jsonl")
+    if not os.path.exists(path):
+        rng = random.Random(f"{seed}/relabel/{float(length_bias)!r}")
+        with open(os.path.join(directory, "train_pairs.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        out = []
+        for row in rows:  # a = the built chosen: the draw below does not depend on which one is a
+            a, b, ga, gb = row["chosen"], row["rejected"], row["score_chosen"], row["score_rejected"]
+            if not annotate(ga, gb, len(a.split()), len(b.split()), rng, length_bias=length_bias):
+                a, b, ga, gb = b, a, gb, ga
+            out.append({**row, "chosen": a, "rejected": b, "score_chosen": ga, "score_rejected": gb})
+        tmp = f"{path}.tmp-{os.getpid()}"
+        write_jsonl(tmp, out)
+        os.replace(tmp, path)
+    return path
+
+
 def test_prompts(directory=DEFAULT_DIR):
     with open(os.path.join(directory, "test_prompts.jsonl")) as f:
         return [json.loads(line)["prompt"] for line in f]

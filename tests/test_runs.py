@@ -23,9 +23,12 @@ from safetensors.torch import load_file
 import toy
 from conftest import ROOT
 
-SCRIPTS = ["dpo.py", "dice.py", "pointwise_dpo.py"]
+SCRIPTS = ["dpo.py", "dice.py", "pointwise_dpo.py", "distilled_dpo.py", "d2po.py"]
 EXTRA_FLAGS = {"dice.py": ["--ref_model", os.path.join(toy.DEFAULT_DIR, "sft"), "--rounds", "1", "--num_samples", "4",
-                           "--min_valid", "2", "--max_prompts", "12"]}  # one round on the SFT model's own samples
+                           "--min_valid", "2", "--max_prompts", "12"],  # one round on the SFT model's own samples
+               "distilled_dpo.py": ["--num_reward_models", "2", "--gamma", "0.1"],  # all three stages, two small teachers
+               "d2po.py": ["--gold", "toy", "--max_new_tokens", "16", "--gold_per_window", "2", "--silver_per_window", "4",
+                           "--gold_budget", "10", "--disc_epochs", "1"]}  # short samples, small windows
 TRAINING_DIR = {"dice.py": "round_1"}
 
 
@@ -36,7 +39,10 @@ GOOD = {"prompt": "the movie was", "chosen": " great .", "rejected": " dull ."}
 # bad_inputs() cases that a script words differently or does not have (None: skipped); pairs read as 2 rows a pair
 BAD_INPUT_OVERRIDES = {"pointwise_dpo.py": {"label_smoothing 0.5": None,
                                             "grad_accum too large": ([GOOD] * 8, ["--grad_accum", "100"],
-                                                                     ["--grad_accum 100", "only 15 training rows"])}}
+                                                                     ["--grad_accum 100", "only 15 training rows"])},
+                       "d2po.py": {"grad_accum too large": ([GOOD] * 8, ["--grad_accum", "100"],
+                                                            ["--grad_accum 100", "only 1 distinct training prompts"])}}
+CRASH_POINTS = {"d2po.py": ("gold:3",)}  # kill points of a script's own, besides reference, step and checkpoint
 
 
 def write_rows(path, rows):
@@ -92,7 +98,7 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_weights(script, toy_
     assert baseline.returncode == 0, baseline.stderr
     expected = load_file(str(tmp_path / "baseline" / "model.safetensors"))
     # killed (SIGKILL, no clean-up) in the reference pass, after step 5's update, and while checkpoint-6 is written
-    for point in ("reference:2", "step:5", "checkpoint:2"):
+    for point in ("reference:2", "step:5", "checkpoint:2", *CRASH_POINTS.get(script, ())):
         out = tmp_path / point.replace(":", "-")
         killed = run(script, flags(toy_dir, data, out), crash_at=point)
         assert killed.returncode == -signal.SIGKILL, (point, killed.stderr[-2000:])
