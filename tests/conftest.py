@@ -30,6 +30,11 @@ def tiny_llama(vocab_size=300, tie=True, seed=0, dtype=torch.float32):
 
 @pytest.fixture(scope="session")
 def toy_dir():
-    """The real toy task (built once, 1.5-2.5 minutes on 2 cores, then cached in $DPO_TOY_DIR or ~/.cache)."""
+    """The real toy task (built once, 1.5-2.5 minutes on 2 cores, then cached in $DPO_TOY_DIR or ~/.cache). With
+    several test workers (pytest -n), one builds it while the others wait on a lock file beside it."""
+    import fcntl
     import toy
-    return toy.ensure_built()
+    os.makedirs(os.path.dirname(os.path.abspath(toy.DEFAULT_DIR)), exist_ok=True)
+    with open(os.path.abspath(toy.DEFAULT_DIR) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return toy.ensure_built()
