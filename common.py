@@ -138,8 +138,8 @@ def grouped_logps(model, groups, pad_token_id, device, chunk_size=None):
     shared = getattr(model, "_prompt_shared", None)
     if shared is None:
         shared = model._prompt_shared = _shared_layout_works(model, groups[:2], pad_token_id, device)
-    rows = [(p, r) for p, responses in groups for r in responses]
-    batch = collate_shared(groups, pad_token_id) if shared else collate(rows, pad_token_id)
+    batch = (collate_shared(groups, pad_token_id) if shared else
+             collate([(p, r) for p, responses in groups for r in responses], pad_token_id))
     return sequence_logps(model, {k: v.to(device) for k, v in batch.items()}, chunk_size)
 
 
