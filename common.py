@@ -167,8 +167,9 @@ def _shared_layout_works(model, groups, pad_token_id, device):
     model.train(was_training)
     n_tokens = torch.tensor([len(r) for _, rs in groups for r in rs]).clamp(min=1)
     low = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
-    if error is None and ((shared - separate).abs() / n_tokens).max() > (0.05 if low else 1e-3):
-        error = f"{((shared - separate).abs() / n_tokens).max():.3g} nats a token from the separate layout"
+    gap = None if error else ((shared - separate).abs() / n_tokens).max()  # nats a token
+    if error is None and gap > (0.05 if low else 1e-3):
+        error = f"{gap:.3g} nats a token from the separate layout"
     if error is None and seen.any() and ((shared - moved).abs() / n_tokens)[seen].max() > (1e-4 if low else 1e-6):
         error = "a response's log-prob depends on tokens it must not see"
     if error:
