@@ -6,10 +6,13 @@
 2. `encode_prompt` / `encode_response` / `truncate` / `collate`: (prompt, response) -> padded batch.
 3. `load_model` / `load_tokenizer` / `load_rows`: hub id or local path, with clear errors on bad data.
 """
+import atexit
 import hashlib
 import json
 import os
 import signal
+import sys
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +107,12 @@ def sequence_logps(model, batch, chunk_size=None):
     position. All indices are built on the host: no boolean masks, no syncs here.
     The fused head is used when the model's logits are lm_head(final hidden), as `_head_is_plain` decides
     on the first batch (once per model); otherwise the model's own (B, T, V) logits."""
+    if model.__dict__.get("parallel") is not None:  # under torchrun: inside the DDP/FSDP2 wrapper's forward
+        return _through_wrapper(model, _sequence_logps, model, batch, chunk_size)
+    return _sequence_logps(model, batch, chunk_size)
+
+
+def _sequence_logps(model, batch, chunk_size):
     plain = getattr(model, "_plain_head", None)
     if plain is None:  # the first call only: decided once per model, kept on it
         plain = model._plain_head = _head_is_plain(model, batch)
@@ -136,8 +145,8 @@ def grouped_logps(model, groups, pad_token_id, device, chunk_size=None):
     block sparsity was not tried, no GPU was measured): a prompt with two responses saves more than the masked
     blocks cost, a prompt with many long responses (DICE's 16 samples) would not, so those go one per row."""
     shared = getattr(model, "_prompt_shared", None)
-    if shared is None:
-        shared = model._prompt_shared = _shared_layout_works(model, groups[:2], pad_token_id, device)
+    if shared is None:  # under torchrun, the same answer on every rank
+        shared = model._prompt_shared = agree(not _shared_layout_works(model, groups[:2], pad_token_id, device)) == [0.0]
     batch = (collate_shared(groups, pad_token_id) if shared else
              collate([(p, r) for p, responses in groups for r in responses], pad_token_id))
     return sequence_logps(model, {k: v.to(device) for k, v in batch.items()}, chunk_size)
@@ -166,7 +175,7 @@ def _shared_layout_works(model, groups, pad_token_id, device):
     separate = logps(collate([(p, r) for p, rs in groups for r in rs], pad_token_id))
     model.train(was_training)
     n_tokens = torch.tensor([len(r) for _, rs in groups for r in rs]).clamp(min=1)
-    low = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+    low = (getattr(model, "_compute_dtype", None) or next(model.parameters()).dtype) in (torch.float16, torch.bfloat16)
     gap = None if error else ((shared - separate).abs() / n_tokens).max()  # nats a token
     if error is None and gap > (0.05 if low else 1e-3):
         error = f"{gap:.3g} nats a token from the separate layout"
@@ -565,9 +574,230 @@ def sample_responses(model, tokenizer, prompts, max_new_tokens, temperature=1.0,
         L = max(map(len, chunk))
         input_ids = torch.tensor([[tokenizer.pad_token_id] * (L - len(p)) + p for p in chunk], device=device)
         attention_mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in chunk], device=device)
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
-                             temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+        out = _through_wrapper(model, _generate, model, dict(
+            input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=temperature, top_k=0,
+            top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos))
         responses += [row[:row.index(eos) + 1] if eos in row else row for row in out[:, L:].tolist()]
     model.train(was_training)
     return responses
+
+
+def _generate(model, kwargs):
+    """model.generate(**kwargs); under FSDP2 with every layer's full weights gathered once for the whole call
+    (not at each new token), so that ranks whose samples end at different lengths need no collective."""
+    from torch.distributed.fsdp import FSDPModule
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        return model.generate(**kwargs)
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(True, recurse=False)
+            unit.reshard()
+
+
+# ---------------------------------------------------------------- several processes (torchrun)
+# A plain `python script.py` run uses none of this: every function below is then the identity, or nearly.
+# Under `torchrun --nproc_per_node=N script.py ...` each process (rank) holds a share of each batch; the policy is
+# wrapped in DDP (a full copy a rank, gradients averaged) or sharded with FSDP2 (each rank a 1/N slice of every
+# parameter, gradient and optimizer state; a decoder layer's full weights gathered just before it runs).
+def init_distributed(args):
+    """(rank, world_size, device) of this process; under torchrun also the process group (NCCL on CUDA, gloo on
+    CPU) and this rank's GPU. torchrun gives each rank one CPU thread unless OMP_NUM_THREADS is set (two ranks
+    of two threads on two cores run ~7x slower). Only rank 0 prints: the others' stdout and stderr go nowhere,
+    except a traceback, so a crash on any rank is seen."""
+    import torch.distributed as dist
+    if args.ddp and args.fsdp:
+        raise SystemExit("error: --ddp and --fsdp exclude each other")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return 0, 1, device
+    if device == "cuda":
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device != "cpu" else "gloo", device_id=torch.device(device) if device != "cpu" else None)
+    atexit.register(dist.destroy_process_group)
+    if dist.get_rank() > 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+        sys.excepthook = lambda *error: traceback.print_exception(*error, file=sys.__stderr__)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _dist():
+    """torch.distributed when this process is one of several, else None."""
+    import torch.distributed as dist
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def world_size():
+    return _dist().get_world_size() if _dist() else 1
+
+
+def is_main():
+    """Whether this process writes files: the only one, or rank 0."""
+    return _dist() is None or _dist().get_rank() == 0
+
+
+def on_rank_0(fn, *args):
+    """fn(*args) run by rank 0 alone, its result given to every rank (a file system operation done once)."""
+    if _dist() is None:
+        return fn(*args)
+    result = [fn(*args) if is_main() else None]
+    _dist().broadcast_object_list(result, src=0)
+    return result[0]
+
+
+def agree(*values):
+    """The largest of each value over the ranks, as floats: the same decision on every rank."""
+    if _dist() is None:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device())
+    _dist().all_reduce(t, op=_dist().ReduceOp.MAX)
+    return t.tolist()
+
+
+def mean_over_ranks(tensor):
+    """The mean of a tensor over the ranks (the metrics of a step, each rank's from its own share)."""
+    if _dist() is None:
+        return tensor
+    tensor = tensor.clone()
+    _dist().all_reduce(tensor)
+    return tensor / _dist().get_world_size()
+
+
+def my_share(n):
+    """Indices of this rank's contiguous share of n items; every rank gets the same count (the last item
+    repeated to fill), so that each runs the same forward passes, as FSDP2 needs."""
+    rank, world = (_dist().get_rank(), _dist().get_world_size()) if _dist() else (0, 1)
+    per = -(-n // world)
+    return [min(i, n - 1) for i in range(rank * per, (rank + 1) * per)]
+
+
+def gather_shares(tensor, n):
+    """The (per, ...) results of every rank's `my_share(n)`, in order: the (n, ...) whole, on every rank."""
+    if _dist() is None:
+        return tensor
+    tensor = tensor.to(_comm_device())
+    parts = [torch.empty_like(tensor) for _ in range(_dist().get_world_size())]
+    _dist().all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)[:n].cpu()
+
+
+def _comm_device():
+    """Where a tensor must be for a collective: this rank's GPU for NCCL, the CPU for gloo."""
+    return f"cuda:{torch.cuda.current_device()}" if _dist().get_backend() == "nccl" else "cpu"
+
+
+class _Forward(torch.nn.Module):
+    """The module DDP or FSDP2 wraps: forward(fn, *args) runs fn(*args), for fn a computation on the model
+    (`sequence_logps`, `generate`), so that their hooks run around it: DDP's, which prepare the gradients'
+    all-reduce, and FSDP2's, which gather the embedding and the LM head (the decoder layers gather their own)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.inside = model, False
+
+    def forward(self, fn, *args):
+        self.inside = True
+        try:
+            return fn(*args)
+        finally:
+            self.inside = False
+
+
+def parallelize(model, args, trainable=True):
+    """Under torchrun: wrap the model in DDP (--ddp) or shard it with FSDP2 (--fsdp; each decoder layer a unit
+    of its own, the rest one unit; bf16 compute over fp32 weights on CUDA); by default DDP below 1B parameters,
+    FSDP2 from 1B. A frozen model (a reference) is sharded under FSDP2 and left whole under DDP. The model
+    stays the object the script holds (`sequence_logps` and `sample_responses` go through the wrapper); nothing
+    happens in a single process. Returns "ddp", "fsdp" or None."""
+    if _dist() is None:
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+    mode = "ddp" if args.ddp else "fsdp" if args.fsdp else (
+        "fsdp" if sum(p.numel() for p in model.parameters()) >= 1e9 else "ddp")
+    wrapper = _Forward(model)
+    if mode == "ddp" and trainable:
+        on_gpu = _comm_device() != "cpu"
+        wrapper = DistributedDataParallel(wrapper, device_ids=[torch.cuda.current_device()] if on_gpu else None,
+                                          forward_sync_buffers=False)  # the buffers (rotary tables) never change
+    elif mode == "fsdp":
+        low = torch.bfloat16 if _comm_device() != "cpu" and torch.cuda.is_bf16_supported() else None
+        policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None)
+        for module in model.modules():
+            if type(module).__name__ in (model._no_split_modules or []):  # the decoder layers
+                fully_shard(module, mp_policy=policy)
+        fully_shard(wrapper, mp_policy=policy, reshard_after_forward=True)  # after any forward: only shards left
+        model._compute_dtype = low
+    model.__dict__["parallel"] = wrapper if mode == "fsdp" or trainable else None  # not a submodule: no cycle
+    return mode
+
+
+def _through_wrapper(model, fn, *args):
+    """fn(*args) inside the DDP/FSDP2 wrapper's forward when the model has one and is not inside it already."""
+    wrapper = model.__dict__.get("parallel")
+    inner = getattr(wrapper, "module", wrapper)  # DDP keeps the wrapped module as .module
+    if wrapper is None or inner.inside:
+        return fn(*args)
+    return wrapper(fn, *args)
+
+
+def sync_gradients(model, sync):
+    """Whether the next backward pass averages gradients over the ranks: only the last micro-batch of a step
+    needs to (DDP's no_sync; FSDP2 then reduce-scatters once a step)."""
+    wrapper = model.__dict__.get("parallel")
+    if hasattr(wrapper, "require_backward_grad_sync"):  # DDP
+        wrapper.require_backward_grad_sync = sync
+    elif hasattr(wrapper, "set_requires_gradient_sync"):  # FSDP2
+        wrapper.set_requires_gradient_sync(sync)
+
+
+def clip_grad_norm_(model, max_norm):
+    """torch.nn.utils.clip_grad_norm_ over the model's parameters; the total norm a plain tensor also when
+    FSDP2 shards the gradients (it is then reduced over the ranks)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def full_state(model, optimizer=None):
+    """(model state, optimizer state) as full tensors on rank 0's CPU, keyed by parameter name (so a checkpoint
+    loads on any number of processes); None for the model state in a single process (save_pretrained reads
+    the model itself), and {} on ranks other than 0. Every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options) if _dist() else None
+    seen, tied = set(), set()  # a weight shared by two modules (tied embeddings) is saved once, as save_pretrained does
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen.add(id(p))
+    model_state = model_state and {k: v for k, v in model_state.items() if k not in tied}
+    if optimizer is None or not isinstance(optimizer, torch.optim.Optimizer):  # none, or one that saves itself
+        return model_state, optimizer and optimizer.state_dict()  # (D2PO's optimizer plus discriminator)
+    return model_state, get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state(model, optimizer, state):
+    """The optimizer state of `full_state` into this rank's optimizer (its shard under FSDP2); under torchrun
+    only rank 0 needs to have read it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer.load_state_dict(state)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=_dist() is not None)
+    set_optimizer_state_dict(model, optimizer, state, options=options)
+
+
+def this_rank():
+    return _dist().get_rank() if _dist() else 0
+
+
+def gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] in a single process."""
+    if _dist() is None:
+        return [obj]
+    objects = [None] * _dist().get_world_size()
+    _dist().all_gather_object(objects, obj)
+    return objects

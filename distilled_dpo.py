@@ -79,9 +79,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (collate, crash_point, disable_dropout, encode_prompt, encode_response, fingerprint,
-                    from_pretrained, grouped_logps, load_model, load_rows, load_tokenizer, prompt_head_length,
-                    report_dropped, sample_responses, sequence_logps, truncate, where)
+from common import (collate, crash_point, disable_dropout, encode_prompt, encode_response, fingerprint, from_pretrained,
+                    full_state, gather_objects, grouped_logps, is_main, load_model, load_optimizer_state, load_rows,
+                    load_tokenizer, prompt_head_length, report_dropped, sample_responses, sequence_logps, this_rank,
+                    truncate, where, world_size)
 
 
 @dataclass
@@ -581,6 +582,7 @@ def run_record(args, tokenizer):
     vocabulary = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.chat_template, tokenizer.eos_token])
     inputs["tokenizer"] = hashlib.sha256(vocabulary.encode()).hexdigest()
     flags = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("output_dir", "resume")}  # not the run's
+    flags["processes"] = world_size()  # torchrun's ranks: part of the batch, so a resume needs as many
     return {"args": flags, "inputs": inputs}
 
 
@@ -595,7 +597,7 @@ def check_resume(args, record):
     for section, values in record.items():
         for name, value in values.items():
             if name not in RESUME_MAY_CHANGE and saved.get(section, {}).get(name) != value:
-                what = f"--{name}" if section == "args" else f"the content of --{name}"
+                what = "the number of processes" if name == "processes" else f"--{name}" if section == "args" else f"the content of --{name}"
                 sys.exit(f"error: --resume: {what} differs from the run in {args.output_dir} ({saved.get(section, {}).get(name)!r} "
                          f"there, {value!r} here); a resumed run may change only --{', --'.join(RESUME_MAY_CHANGE)}")
 
@@ -631,15 +633,18 @@ def save_checkpoint(directory, policy, tokenizer, optimizer, scheduler, step):
     final = os.path.join(directory, f"checkpoint-{step}")
     if os.path.exists(final):
         return final
+    model_state, optimizer_state = full_state(policy, optimizer)  # under torchrun: gathered on rank 0
+    rng = gather_objects({"torch": torch.get_rng_state(), "python": random.getstate(),  # every rank's
+                          "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})
+    if not is_main():
+        return final
     tmp = os.path.join(directory, f".tmp-checkpoint-{step}")
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)  # safetensors
+    policy.save_pretrained(tmp, state_dict=model_state)  # safetensors
     tokenizer.save_pretrained(tmp)
     crash_point("checkpoint")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-               os.path.join(tmp, "training_state.pt"))
+    torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
+    torch.save({"scheduler": scheduler.state_dict(), "step": step, "rng": rng}, os.path.join(tmp, "training_state.pt"))
     os.rename(tmp, final)
     for old in list_checkpoints(directory)[:-1]:  # keep only the newest
         shutil.rmtree(old)
@@ -651,15 +656,17 @@ def list_checkpoints(directory):
     return [os.path.join(directory, d) for d in sorted(found, key=lambda d: int(d.split("-")[1]))]
 
 
-def restore(checkpoint, optimizer, scheduler):
-    """Optimizer, scheduler and random state of a checkpoint; returns its step."""
+def restore(checkpoint, policy, optimizer, scheduler):
+    """Optimizer, scheduler and random state of a checkpoint (each rank's own); returns its step."""
     state = torch.load(os.path.join(checkpoint, "training_state.pt"), weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer_state = torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=False) if is_main() else {}
+    load_optimizer_state(policy, optimizer, optimizer_state)
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    random.setstate(state["python_rng"])
-    if state["cuda_rng"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    rng = state["rng"][this_rank()]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
     print(f"resuming from {checkpoint} at step {state['step']}")
     return state["step"]
 
@@ -671,9 +678,12 @@ def finished(directory, start_step, max_steps):
 
 def save_final(directory, policy, tokenizer):
     """The final model in the output directory itself (so --model <output_dir> works), config.json last."""
+    model_state, _ = full_state(policy)  # under torchrun: gathered on rank 0
+    if not is_main():
+        return
     tmp = os.path.join(directory, ".tmp-final")
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)
+    policy.save_pretrained(tmp, state_dict=model_state)
     tokenizer.save_pretrained(tmp)
     for name in sorted(os.listdir(tmp), key=lambda name: name == "config.json"):
         os.replace(os.path.join(tmp, name), os.path.join(directory, name))
@@ -683,7 +693,9 @@ def save_final(directory, policy, tokenizer):
 
 def open_metrics(directory, start_step):
     """metrics.jsonl without what an interrupted run logged after its checkpoint; returns log(row), which puts
-    each row on disk before it returns."""
+    each row on disk before it returns (under torchrun: rank 0's log; the others' does nothing)."""
+    if not is_main():
+        return lambda row: None
     path = os.path.join(directory, "metrics.jsonl")
     kept = []
     if start_step and os.path.exists(path):
@@ -737,7 +749,8 @@ def resume_command(args, argv):
         return None
     command = [sys.argv[0], *sys.argv[1:]] if argv is None else [os.path.basename(__file__), *argv]
     command += [] if any(a.startswith(("--output_dir", "--output-dir")) for a in command) else ["--output_dir", args.output_dir]
-    return "Continue with: " + shlex.join(["python", *command] + ([] if "--resume" in command else ["--resume"]))
+    launcher = ["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"] if world_size() > 1 else ["python"]
+    return "Continue with: " + shlex.join(launcher + command + ([] if "--resume" in command else ["--resume"]))
 
 
 # ---------------------------------------------------------------- main
@@ -847,7 +860,7 @@ def main(argv=None):
         else:
             optimizer = torch.optim.RMSprop(policy.parameters(), lr=args.learning_rate)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
-        start_step = restore(checkpoint, optimizer, scheduler) if checkpoint else 0
+        start_step = restore(checkpoint, policy, optimizer, scheduler) if checkpoint else 0
         if finished(args.output_dir, start_step, max_steps):
             print(f"{args.output_dir}: this run is complete ({start_step} steps); nothing to do")
             return

@@ -9,7 +9,10 @@ Run:
     python dpo.py                                          # built-in toy task, CPU, a few minutes
     python dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset trl-lib/ultrafeedback_binarized --output_dir out
     python dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset trl-lib/ultrafeedback_binarized --output_dir out --resume
-Single process, one device; multi-GPU (torchrun / FSDP) is not implemented.
+    torchrun --nproc_per_node=8 dpo.py --model meta-llama/Llama-3.1-8B-Instruct --dataset trl-lib/ultrafeedback_binarized --output_dir out
+Under torchrun each process takes --batch_size x --grad_accum pairs of every step (a step is that many times the
+number of processes); --ddp keeps a whole copy of the model on each GPU, --fsdp shards it (PyTorch's FSDP2; the
+default from 1B parameters). Only rank 0 prints and writes; a run resumes under the same number of processes.
 
 A run owns its --output_dir: args.json records every flag and a fingerprint of each input, and --resume
 continues from the newest checkpoint only with the same flags and inputs (it may change --max_steps,
@@ -45,8 +48,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (crash_point, encode_prompt, encode_response, fingerprint, grouped_logps, load_model, load_rows,
-                    load_tokenizer, prompt_head_length, report_dropped, truncate)
+from common import (agree, clip_grad_norm_, crash_point, encode_prompt, encode_response, fingerprint, full_state,
+                    gather_objects, gather_shares, grouped_logps, init_distributed, is_main, load_model,
+                    load_optimizer_state, load_rows, load_tokenizer, mean_over_ranks, my_share, on_rank_0, parallelize,
+                    prompt_head_length, report_dropped, sync_gradients, this_rank, truncate, world_size)
 
 
 @dataclass
@@ -80,6 +85,8 @@ class Args:
     dtype: str = field(default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU",
                                                  "choices": ["auto", "float32", "bfloat16", "float16"]})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
+    ddp: bool = field(default=False, metadata={"help": "under torchrun: a full copy of the model a process (default below 1B parameters)"})
+    fsdp: bool = field(default=False, metadata={"help": "under torchrun: the model sharded over the processes with FSDP2 (default from 1B parameters)"})
 
 
 # The toy task needs a larger step size and smaller batches than a pretrained LLM; used when --model is not given.
@@ -189,20 +196,23 @@ def load_data(args, tokenizer):
 
 
 @torch.no_grad()
-def reference_logps(model, pairs, args, pad_token_id, device):
-    """(N, 2) summed log-probs of chosen and rejected under the initial policy (deviation 1), in eval mode."""
-    out, was_training = [], model.training
+def all_pair_logps(model, pairs, args, pad_token_id, device, desc=None):
+    """(N, 2) summed log-probs of chosen and rejected of every pair, in eval mode. Under torchrun each rank
+    computes its share and every rank gets the whole."""
+    share, out, was_training = my_share(len(pairs)), [torch.zeros(0, 2)], model.training
     model.eval()
-    for s in tqdm(range(0, len(pairs), 2 * args.batch_size), desc="reference log-probs"):
-        out.append(torch.stack(pair_logps(model, pairs[s:s + 2 * args.batch_size], pad_token_id, device), -1).cpu())
+    for s in tqdm(range(0, len(share), 2 * args.batch_size), desc=desc, disable=desc is None):
+        chunk = [pairs[i] for i in share[s:s + 2 * args.batch_size]]
+        out.append(torch.stack(pair_logps(model, chunk, pad_token_id, device), -1).cpu())
         crash_point("reference")
     model.train(was_training)
-    return torch.cat(out)
+    return gather_shares(torch.cat(out), len(pairs))
 
 
 def reference_cache(args, policy, splits, record, pad_token_id, device):
-    """Reference log-probs of every pair, computed once and kept in the run directory with the record of what
-    they were computed from, so a resumed run reuses them (and never reuses another run's)."""
+    """Reference log-probs of every pair under the initial policy (deviation 1), computed once and kept in the run
+    directory with the record of what they were computed from, so a resumed run reuses them (and never reuses
+    another run's)."""
     path = os.path.join(args.output_dir, "reference_logps.pt")
     fixed = {k: v for k, v in record["args"].items() if k not in RESUME_MAY_CHANGE}, record["inputs"]
     if os.path.exists(path):
@@ -210,26 +220,20 @@ def reference_cache(args, policy, splits, record, pad_token_id, device):
         if cache["record"] != fixed:
             sys.exit(f"error: {path} was computed for other flags or inputs; remove it to compute it again")
         return cache
-    cache = {name: reference_logps(policy, pairs, args, pad_token_id, device) for name, pairs in splits.items()}
-    torch.save({**cache, "record": fixed}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    cache = {name: all_pair_logps(policy, pairs, args, pad_token_id, device, "reference log-probs")
+             for name, pairs in splits.items()}
+    if is_main():
+        torch.save({**cache, "record": fixed}, path + ".tmp")
+        os.replace(path + ".tmp", path)
     return cache
 
 
-@torch.no_grad()
-def evaluate(policy, pairs, ref, args, pad_token_id, device):
+def evaluate(policy, pairs, reference_logps, args, pad_token_id, device):
     """Mean DPO metrics on held-out pairs, TRL's names with the eval_ prefix; the policy in eval mode."""
-    totals, was_training = {}, policy.training
-    policy.eval()
-    for s in range(0, len(pairs), 2 * args.batch_size):
-        chunk = pairs[s:s + 2 * args.batch_size]
-        policy_logps = pair_logps(policy, chunk, pad_token_id, device)
-        ref_logps = ref(chunk, range(s, s + len(chunk)), "eval")
-        metrics = dpo_metrics(*dpo_loss(*policy_logps, *ref_logps, args.beta, args.label_smoothing), *policy_logps)
-        for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + v.item() * len(chunk)
-    policy.train(was_training)
-    return {f"eval_{k}": v / len(pairs) for k, v in totals.items()}
+    policy_logps = all_pair_logps(policy, pairs, args, pad_token_id, device).unbind(-1)
+    metrics = dpo_metrics(*dpo_loss(*policy_logps, *reference_logps.unbind(-1), args.beta, args.label_smoothing),
+                          *policy_logps)
+    return {f"eval_{k}": v.item() for k, v in metrics.items()}
 
 
 # ---------------------------------------------------------------- the run directory (TRY NOT TO MODIFY)
@@ -262,6 +266,7 @@ def run_record(args, tokenizer):
     vocabulary = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.chat_template, tokenizer.eos_token])
     inputs["tokenizer"] = hashlib.sha256(vocabulary.encode()).hexdigest()
     flags = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("output_dir", "resume")}  # not the run's
+    flags["processes"] = world_size()  # torchrun's ranks: part of the batch, so a resume needs as many
     return {"args": flags, "inputs": inputs}
 
 
@@ -276,7 +281,7 @@ def check_resume(args, record):
     for section, values in record.items():
         for name, value in values.items():
             if name not in RESUME_MAY_CHANGE and saved.get(section, {}).get(name) != value:
-                what = f"--{name}" if section == "args" else f"the content of --{name}"
+                what = "the number of processes" if name == "processes" else f"--{name}" if section == "args" else f"the content of --{name}"
                 sys.exit(f"error: --resume: {what} differs from the run in {args.output_dir} ({saved.get(section, {}).get(name)!r} "
                          f"there, {value!r} here); a resumed run may change only --{', --'.join(RESUME_MAY_CHANGE)}")
 
@@ -312,15 +317,18 @@ def save_checkpoint(directory, policy, tokenizer, optimizer, scheduler, step):
     final = os.path.join(directory, f"checkpoint-{step}")
     if os.path.exists(final):
         return final
+    model_state, optimizer_state = full_state(policy, optimizer)  # under torchrun: gathered on rank 0
+    rng = gather_objects({"torch": torch.get_rng_state(), "python": random.getstate(),  # every rank's
+                          "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})
+    if not is_main():
+        return final
     tmp = os.path.join(directory, f".tmp-checkpoint-{step}")
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)  # safetensors
+    policy.save_pretrained(tmp, state_dict=model_state)  # safetensors
     tokenizer.save_pretrained(tmp)
     crash_point("checkpoint")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-               os.path.join(tmp, "training_state.pt"))
+    torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
+    torch.save({"scheduler": scheduler.state_dict(), "step": step, "rng": rng}, os.path.join(tmp, "training_state.pt"))
     os.rename(tmp, final)
     for old in list_checkpoints(directory)[:-1]:  # keep only the newest
         shutil.rmtree(old)
@@ -332,15 +340,17 @@ def list_checkpoints(directory):
     return [os.path.join(directory, d) for d in sorted(found, key=lambda d: int(d.split("-")[1]))]
 
 
-def restore(checkpoint, optimizer, scheduler):
-    """Optimizer, scheduler and random state of a checkpoint; returns its step."""
+def restore(checkpoint, policy, optimizer, scheduler):
+    """Optimizer, scheduler and random state of a checkpoint (each rank's own); returns its step."""
     state = torch.load(os.path.join(checkpoint, "training_state.pt"), weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer_state = torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=False) if is_main() else {}
+    load_optimizer_state(policy, optimizer, optimizer_state)
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    random.setstate(state["python_rng"])
-    if state["cuda_rng"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    rng = state["rng"][this_rank()]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
     print(f"resuming from {checkpoint} at step {state['step']}")
     return state["step"]
 
@@ -352,9 +362,12 @@ def finished(directory, start_step, max_steps):
 
 def save_final(directory, policy, tokenizer):
     """The final model in the output directory itself (so --model <output_dir> works), config.json last."""
+    model_state, _ = full_state(policy)  # under torchrun: gathered on rank 0
+    if not is_main():
+        return
     tmp = os.path.join(directory, ".tmp-final")
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)
+    policy.save_pretrained(tmp, state_dict=model_state)
     tokenizer.save_pretrained(tmp)
     for name in sorted(os.listdir(tmp), key=lambda name: name == "config.json"):
         os.replace(os.path.join(tmp, name), os.path.join(directory, name))
@@ -364,7 +377,9 @@ def save_final(directory, policy, tokenizer):
 
 def open_metrics(directory, start_step):
     """metrics.jsonl without what an interrupted run logged after its checkpoint; returns log(row), which puts
-    each row on disk before it returns."""
+    each row on disk before it returns (under torchrun: rank 0's log; the others' does nothing)."""
+    if not is_main():
+        return lambda row: None
     path = os.path.join(directory, "metrics.jsonl")
     kept = []
     if start_step and os.path.exists(path):
@@ -418,13 +433,15 @@ def resume_command(args, argv):
         return None
     command = [sys.argv[0], *sys.argv[1:]] if argv is None else [os.path.basename(__file__), *argv]
     command += [] if any(a.startswith(("--output_dir", "--output-dir")) for a in command) else ["--output_dir", args.output_dir]
-    return "Continue with: " + shlex.join(["python", *command] + ([] if "--resume" in command else ["--resume"]))
+    launcher = ["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"] if world_size() > 1 else ["python"]
+    return "Continue with: " + shlex.join(launcher + command + ([] if "--resume" in command else ["--resume"]))
 
 
 # ---------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)  # every flag checked; nothing read or written yet
-    checkpoint = check_output_dir(args)  # reads only
+    rank, world, device = init_distributed(args)  # (0, 1, "cuda" or "cpu") unless under torchrun
+    checkpoint = on_rank_0(check_output_dir, args)  # reads only
     with interrupts(lambda: resume_command(args, argv)) as signals:
         toy = None
         if args.model is None:  # the built-in toy task
@@ -432,14 +449,13 @@ def main(argv=None):
             toy_dir = toy.ensure_built()
             args.model, args.dataset = os.path.join(toy_dir, "sft"), os.path.join(toy_dir, "train_pairs.jsonl")
             args.eval_dataset = args.eval_dataset or os.path.join(toy_dir, "test_pairs.jsonl")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         tokenizer = load_tokenizer(args.model, args.trust_remote_code)
         train, held_out = load_data(args, tokenizer)
-        pairs_per_step = args.batch_size * args.grad_accum
+        pairs_per_step = args.batch_size * args.grad_accum * world  # each rank batch_size x grad_accum of them
         steps_per_epoch = len(train) // pairs_per_step
         if steps_per_epoch == 0:
-            sys.exit(f"error: --batch_size {args.batch_size} x --grad_accum {args.grad_accum} = {pairs_per_step} pairs "
-                     f"per step, but {args.dataset} gives only {len(train)} training pairs")
+            sys.exit(f"error: --batch_size {args.batch_size} x --grad_accum {args.grad_accum} x {world} processes = "
+                     f"{pairs_per_step} pairs per step, but {args.dataset} gives only {len(train)} training pairs")
         max_steps = args.max_steps or args.epochs * steps_per_epoch
         if toy is None and args.warmup_steps > max_steps:
             print(f"warning: --warmup_steps {args.warmup_steps} is longer than the run ({max_steps} steps): the "
@@ -453,19 +469,25 @@ def main(argv=None):
         if args.gradient_checkpointing:
             enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
             enable({"use_reentrant": False})  # the name since transformers 5.x; the old one before
+        parallel = parallelize(policy, args)  # under torchrun: DDP or FSDP2; else nothing
         reference = load_model(args.ref_model, args.dtype, device, args.trust_remote_code) if args.ref_model else None
-        if not args.resume:
-            claim_output_dir(args, record)  # only now: a run that fails on its inputs leaves nothing behind
+        if not args.resume:  # only now: a run that fails on its inputs leaves nothing behind
+            args.output_dir = on_rank_0(claim_output_dir, args, record)
+        if parallel:
+            print(f"{world} processes, {parallel.upper()}: {args.batch_size * args.grad_accum} pairs a process a step")
 
         # the reference: a frozen model, or log-probs precomputed with the initial policy and kept with the run
         if reference is not None:
             reference.eval().requires_grad_(False)
+            parallelize(reference, args, trainable=False)
             ref = lambda chunk, idx, split: pair_logps(reference, chunk, tokenizer.pad_token_id, device)
+            held_out_ref = all_pair_logps(reference, held_out, args, tokenizer.pad_token_id, device)
         else:
             if checkpoint and not os.path.exists(os.path.join(args.output_dir, "reference_logps.pt")):
                 sys.exit(f"error: {args.output_dir} has checkpoints but no reference_logps.pt; it cannot be resumed")
             cache = reference_cache(args, policy, {"train": train, "eval": held_out}, record, tokenizer.pad_token_id, device)
-            ref = lambda chunk, idx, split: cache[split][list(idx)].to(device).unbind(-1)
+            ref = lambda chunk, idx, split: cache[split][idx].to(device).unbind(-1)
+            held_out_ref = cache["eval"]
 
         # optimizer, linear warm-up then constant (paper App. B)
         if args.optimizer == "adamw":
@@ -474,7 +496,7 @@ def main(argv=None):
         else:
             optimizer = torch.optim.RMSprop(policy.parameters(), lr=args.learning_rate)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
-        start_step = restore(checkpoint, optimizer, scheduler) if checkpoint else 0
+        start_step = restore(checkpoint, policy, optimizer, scheduler) if checkpoint else 0
         if finished(args.output_dir, start_step, max_steps):
             print(f"{args.output_dir}: this run is complete ({start_step} steps); nothing to do")
             return
@@ -487,7 +509,7 @@ def main(argv=None):
         # ---------------------------------------------------------------- the training loop
         log = open_metrics(args.output_dir, start_step)  # forgets what a killed run logged after its checkpoint
         if start_step == 0:
-            log({"step": 0, **evaluate(policy, held_out, ref, args, tokenizer.pad_token_id, device)})
+            log({"step": 0, **evaluate(policy, held_out, held_out_ref, args, tokenizer.pad_token_id, device)})
         policy.train()
         signals["stop_after_step"] = True  # from here Ctrl-C / SIGTERM finish the step and save first
         save_seconds = 3 * sum(p.numel() * p.element_size() for p in policy.parameters()) / 2e8  # a guess at 200 MB/s
@@ -495,10 +517,11 @@ def main(argv=None):
         for step in bar:
             epoch, position = divmod(step, steps_per_epoch)  # the data position follows from the step: resumable
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed + 1 + epoch))
-            indices = order[position * pairs_per_step:(position + 1) * pairs_per_step].tolist()
+            indices = order[position * pairs_per_step:(position + 1) * pairs_per_step].tolist()[rank::world]
             sums = {}
             for micro in range(args.grad_accum):
                 idx = indices[micro * args.batch_size:(micro + 1) * args.batch_size]
+                sync_gradients(policy, micro == args.grad_accum - 1)  # under torchrun: once a step
                 chunk = [train[i] for i in idx]
                 policy_chosen_logps, policy_rejected_logps = pair_logps(policy, chunk, tokenizer.pad_token_id, device)
                 reference_chosen_logps, reference_rejected_logps = ref(chunk, idx, "train")
@@ -508,8 +531,8 @@ def main(argv=None):
                 (losses.mean() / args.grad_accum).backward()
                 metrics = dpo_metrics(losses.detach(), chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
                 sums = {k: sums.get(k, 0) + v / args.grad_accum for k, v in metrics.items()}
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-            values = torch.stack([*sums.values(), grad_norm.float()]).tolist()  # the step's one host sync
+            grad_norm = clip_grad_norm_(policy, args.max_grad_norm)
+            values = mean_over_ranks(torch.stack([*sums.values(), grad_norm.float()])).tolist()  # one host sync
             row = dict(zip([*sums, "grad_norm"], values))
             if not all(map(math.isfinite, values)):
                 stop(f"non-finite loss or gradient at step {step + 1} ({row})", args.output_dir)
@@ -520,20 +543,21 @@ def main(argv=None):
             row.update(step=step + 1, epoch=round((step + 1) / steps_per_epoch, 3), learning_rate=scheduler.get_last_lr()[0])
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
             if (step + 1) % args.eval_every == 0 or step + 1 == max_steps:
-                row.update(evaluate(policy, held_out, ref, args, tokenizer.pad_token_id, device))
+                row.update(evaluate(policy, held_out, held_out_ref, args, tokenizer.pad_token_id, device))
                 tqdm.write(f"step {step + 1}: eval loss {row['eval_loss']:.4f}, "
                            f"accuracy {row['eval_rewards/accuracies']:.3f}, margin {row['eval_rewards/margins']:.3f}")
             log(row)
-            if (step + 1) % args.save_every == 0 or step + 1 == max_steps or signals["requested"] and save_seconds < 10:
+            requested, slow_save = agree(signals["requested"] or 0, save_seconds >= 10)  # the same on every rank
+            if (step + 1) % args.save_every == 0 or step + 1 == max_steps or requested and not slow_save:
                 started = time.time()
                 save_checkpoint(args.output_dir, policy, tokenizer, optimizer, scheduler, step + 1)
                 save_seconds = time.time() - started
-            if signals["requested"]:
+            if requested:
                 bar.close()
                 print(f"stopped after step {step + 1}; newest checkpoint: "
                       f"{(list_checkpoints(args.output_dir) or ['none (a resume starts at step 0)'])[-1]}. "
                       f"{resume_command(args, argv) or ''}", file=sys.stderr)
-                raise SystemExit(128 + signals["requested"])
+                raise SystemExit(128 + int(requested))
         signals["stop_after_step"] = False
 
         if toy:
