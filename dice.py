@@ -20,7 +20,8 @@ Run:
     python dice.py --model princeton-nlp/Llama-3-Base-8B-SFT-DPO --ref_model princeton-nlp/Llama-3-Base-8B-SFT \
         --dataset uf_10k.jsonl --learning_rate 5e-7 --warmup_steps 50 --batch_size 2 --grad_accum 16 --output_dir out
     python dice.py <the same flags> --output_dir out --resume
-Single process, one device; multi-GPU (torchrun / FSDP) is not implemented.
+    torchrun --nproc_per_node=8 dice.py <the same flags>    # several GPUs: as dpo.py; each rank samples and scores its
+                                                            # share of the prompts, the alpha search sees them all
 
 Every round writes <output_dir>/round_<t>/: samples.jsonl, scores.jsonl, alpha.json, pairs.jsonl (the generated
 pairs), train_pairs.jsonl (what the round trains on), the DPO round's checkpoints and metrics.jsonl, its model,
@@ -62,10 +63,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (collate, crash_point, encode_prompt, encode_response, fingerprint, from_pretrained, full_state,
-                    gather_objects, grouped_logps, is_main, load_model, load_optimizer_state, load_rows, load_tokenizer,
-                    prompt_head_length, report_dropped, sample_responses, sequence_logps, this_rank, truncate,
-                    world_size)
+from common import (agree, clip_grad_norm_, collate, crash_point, encode_prompt, encode_response, fingerprint,
+                    from_pretrained, full_state, gather_objects, gather_shares, grouped_logps, init_distributed,
+                    is_main, load_model, load_optimizer_state, load_rows, load_tokenizer, mean_over_ranks, my_share,
+                    on_rank_0, parallelize, prompt_head_length, report_dropped, sample_responses, sequence_logps,
+                    sync_gradients, this_rank, truncate, world_size)
 
 
 @dataclass
@@ -113,6 +115,8 @@ class Args:
     dtype: str = field(default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU",
                                                  "choices": ["auto", "float32", "bfloat16", "float16"]})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
+    ddp: bool = field(default=False, metadata={"help": "under torchrun: a full copy of the model a process (default below 1B parameters)"})
+    fsdp: bool = field(default=False, metadata={"help": "under torchrun: the model sharded over the processes with FSDP2 (default from 1B parameters)"})
 
 
 # The toy task: dpo.py's toy settings (round 0 is dpo.py's toy default), a 10x smaller learning rate in the DICE
@@ -273,15 +277,17 @@ def load_data(args, tokenizer):
 
 
 @torch.no_grad()
-def reference_logps(model, pairs, args, pad_token_id, device):
-    """(N, 2) summed log-probs of chosen and rejected under the initial policy (deviation 1), in eval mode."""
-    out, was_training = [], model.training
+def all_pair_logps(model, pairs, args, pad_token_id, device, desc=None):
+    """(N, 2) summed log-probs of chosen and rejected of every pair, in eval mode. Under torchrun each rank
+    computes its share and every rank gets the whole."""
+    share, out, was_training = my_share(len(pairs)), [torch.zeros(0, 2)], model.training
     model.eval()
-    for s in tqdm(range(0, len(pairs), 2 * args.batch_size), desc="reference log-probs"):
-        out.append(torch.stack(pair_logps(model, pairs[s:s + 2 * args.batch_size], pad_token_id, device), -1).cpu())
+    for s in tqdm(range(0, len(share), 2 * args.batch_size), desc=desc, disable=desc is None):
+        chunk = [pairs[i] for i in share[s:s + 2 * args.batch_size]]
+        out.append(torch.stack(pair_logps(model, chunk, pad_token_id, device), -1).cpu())
         crash_point("reference")
     model.train(was_training)
-    return torch.cat(out)
+    return gather_shares(torch.cat(out), len(pairs))
 
 
 def reference_cache(args, policy, splits, record, pad_token_id, device, directory):
@@ -294,26 +300,20 @@ def reference_cache(args, policy, splits, record, pad_token_id, device, director
         if cache["record"] != fixed:
             sys.exit(f"error: {path} was computed for other flags or inputs; remove it to compute it again")
         return cache
-    cache = {name: reference_logps(policy, pairs, args, pad_token_id, device) for name, pairs in splits.items()}
-    torch.save({**cache, "record": fixed}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    cache = {name: all_pair_logps(policy, pairs, args, pad_token_id, device, "reference log-probs")
+             for name, pairs in splits.items()}
+    if is_main():
+        torch.save({**cache, "record": fixed}, path + ".tmp")
+        os.replace(path + ".tmp", path)
     return cache
 
 
-@torch.no_grad()
-def evaluate(policy, pairs, ref, args, pad_token_id, device):
+def evaluate(policy, pairs, reference_logps, args, pad_token_id, device):
     """Mean DPO metrics on held-out pairs, TRL's names with the eval_ prefix; the policy in eval mode."""
-    totals, was_training = {}, policy.training
-    policy.eval()
-    for s in range(0, len(pairs), 2 * args.batch_size):
-        chunk = pairs[s:s + 2 * args.batch_size]
-        policy_logps = pair_logps(policy, chunk, pad_token_id, device)
-        ref_logps = ref(chunk, range(s, s + len(chunk)), "eval")
-        metrics = dpo_metrics(*dpo_loss(*policy_logps, *ref_logps, args.beta, args.label_smoothing), *policy_logps)
-        for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + v.item() * len(chunk)
-    policy.train(was_training)
-    return {f"eval_{k}": v / len(pairs) for k, v in totals.items()}
+    policy_logps = all_pair_logps(policy, pairs, args, pad_token_id, device).unbind(-1)
+    metrics = dpo_metrics(*dpo_loss(*policy_logps, *reference_logps.unbind(-1), args.beta, args.label_smoothing),
+                          *policy_logps)
+    return {f"eval_{k}": v.item() for k, v in metrics.items()}
 
 
 # ---------------------------------------------------------------- a round's data: samples, scores, pairs
@@ -321,6 +321,12 @@ def write_jsonl(path, rows):
     """JSON Lines into a temporary file, then renamed: a kill leaves the whole file or none."""
     with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(path + ".tmp", path)
+
+
+def write_json(path, value):
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1)
     os.replace(path + ".tmp", path)
 
 
@@ -348,32 +354,38 @@ def usable(prompt, response, eos_token_id, max_length):
 
 @torch.no_grad()
 def sample(policy, tokenizer, prompts, args, seed):
-    """K responses per prompt from pi^(t-1), batched: one row per prompt with ids, texts and which are usable."""
-    K, flat, responses = args.num_samples, [p for p in prompts for _ in range(args.num_samples)], []
+    """K responses per prompt from pi^(t-1), batched: one row per prompt with ids, texts and which are usable.
+    Under torchrun each rank samples its share of the prompts (its own seed) and every rank gets all rows."""
+    mine = [prompts[i] for i in my_share(len(prompts))]
+    K, flat, responses = args.num_samples, [p for p in mine for _ in range(args.num_samples)], []
     with torch.random.fork_rng():
-        torch.manual_seed(seed)
+        torch.manual_seed(seed * world_size() + this_rank())
         for s in tqdm(range(0, len(flat), args.sample_batch_size), desc=f"sampling {K} per prompt"):
             responses += sample_responses(policy, tokenizer, flat[s:s + args.sample_batch_size], args.max_new_tokens,
                                           args.temperature, args.sample_batch_size)
             crash_point("sample")
-    return [{"prompt": tokenizer.decode(p), "prompt_ids": p, "response_ids": rs,
+    rows = [{"prompt": tokenizer.decode(p), "prompt_ids": p, "response_ids": rs,
              "responses": [tokenizer.decode(r, skip_special_tokens=True) for r in rs],
              "usable": [usable(p, r, tokenizer.eos_token_id, args.max_length) for r in rs]}
-            for p, rs in zip(prompts, (responses[i:i + K] for i in range(0, len(responses), K)))]
+            for p, rs in zip(mine, (responses[i:i + K] for i in range(0, len(responses), K)))]
+    return sum(gather_objects(rows), [])[:len(prompts)]  # the shares in order, without the last one's padding
 
 
 @torch.no_grad()
 def response_logps(model, samples, args, pad_token_id, device):
-    """(P, K) float64: summed log pi(y|x) of every usable response under `model`, in eval mode; NaN elsewhere."""
+    """(P, K) float64: summed log pi(y|x) of every usable response under `model`, in eval mode; NaN elsewhere.
+    Under torchrun each rank scores its share of the responses and every rank gets all scores."""
     rows = [(i, k) for i, row in enumerate(samples) for k, ok in enumerate(row["usable"]) if ok]
-    out = torch.full((len(samples), args.num_samples), math.nan, dtype=torch.float64)  # (P, K)
+    share, mine = my_share(len(rows)), [torch.zeros(0, dtype=torch.float64)]
     model.eval()
-    for s in tqdm(range(0, len(rows), args.sample_batch_size), desc="scoring"):
-        chunk = rows[s:s + args.sample_batch_size]
+    for s in tqdm(range(0, len(share), args.sample_batch_size), desc="scoring"):
+        chunk = [rows[j] for j in share[s:s + args.sample_batch_size]]
         batch = collate([(samples[i]["prompt_ids"], samples[i]["response_ids"][k]) for i, k in chunk], pad_token_id)
         logps, _ = sequence_logps(model, {k: v.to(device) for k, v in batch.items()})  # (n,)
-        out[[i for i, _ in chunk], [k for _, k in chunk]] = logps.double().cpu()
+        mine.append(logps.double().cpu())
         crash_point("score")
+    out = torch.full((len(samples), args.num_samples), math.nan, dtype=torch.float64)  # (P, K)
+    out[[i for i, _ in rows], [k for _, k in rows]] = gather_shares(torch.cat(mine), len(rows))
     return out
 
 
@@ -385,19 +397,20 @@ def round_data(t, directory, policy, models, offline, prompts, args, tokenizer, 
         started = time.time()
         n = min(max(1, math.floor(len(prompts) * (1 - args.replay_ratio) + 1e-9)), args.max_prompts or len(prompts))
         prompts = random.Random(f"{args.seed}/prompts/{t}").sample(prompts, n)  # as many as the replay can use
-        write_jsonl(path("samples.jsonl"), sample(policy, tokenizer, prompts, args, seed=args.seed * 1000 + t))
+        on_rank_0(write_jsonl, path("samples.jsonl"), sample(policy, tokenizer, prompts, args, seed=args.seed * 1000 + t))
         seconds["sampling"] = time.time() - started
     samples = read_jsonl(path("samples.jsonl"))
     if not os.path.exists(path("scores.jsonl")):
         started = time.time()
         policy_logps = response_logps(policy, samples, args, tokenizer.pad_token_id, device)  # (P, K) pi^(t-1)
         reference = load_model(models[t - 2], args.dtype, device, args.trust_remote_code)  # pi^(t-2): one at a time
+        parallelize(reference, args, trainable=False)
         reference_logps = response_logps(reference, samples, args, tokenizer.pad_token_id, device)  # (P, K)
         del reference
         listed = lambda row: [None if math.isnan(v) else v for v in row.tolist()]
-        write_jsonl(path("scores.jsonl"), [{"prompt": row["prompt"], "logps_policy": listed(p), "logps_reference": listed(r),
-                                            "scores": listed(p - r)}  # s = log pi^(t-1) - log pi^(t-2), no beta
-                                           for row, p, r in zip(samples, policy_logps, reference_logps)])
+        on_rank_0(write_jsonl, path("scores.jsonl"), [{"prompt": row["prompt"], "logps_policy": listed(p),
+                                                       "logps_reference": listed(r), "scores": listed(p - r)}  # no beta
+                                                      for row, p, r in zip(samples, policy_logps, reference_logps)])
         seconds["scoring"] = time.time() - started
     started = time.time()
     scores = torch.tensor([[math.nan if s is None else s for s in row["scores"]] for row in read_jsonl(path("scores.jsonl"))],
@@ -433,7 +446,7 @@ def round_data(t, directory, policy, models, offline, prompts, args, tokenizer, 
         gold = [(toy.gold_reward(r["chosen"]) > toy.gold_reward(r["rejected"])) + 0.5 * (toy.gold_reward(r["chosen"]) == toy.gold_reward(r["rejected"]))
                 for r in rows]
         stats["gold_agreement"] = sum(gold) / len(gold)
-    if not os.path.exists(path("train_pairs.jsonl")):
+    if is_main() and not os.path.exists(path("train_pairs.jsonl")):
         with open(path("alpha.json"), "w") as f:
             json.dump({"alpha": alpha, "searched": args.alpha is None, "length_unit": args.length_unit,
                        "trace": [{"alpha": a, "length_gap": g} for a, g in trace]}, f, indent=1)
@@ -652,20 +665,22 @@ def resume_command(args, argv):
 def train_round(args, directory, policy, train, held_out, record, tokenizer, device, signals, argv):
     """One round of DPO in `directory` from `policy`, pi^(t-1), which is also its reference: dpo.py's training
     loop. Returns the trained policy, the round's steps and how many of them this call ran."""
-    pairs_per_step = args.batch_size * args.grad_accum
+    rank, world = this_rank(), world_size()
+    pairs_per_step = args.batch_size * args.grad_accum * world  # each rank batch_size x grad_accum of them
     steps_per_epoch = len(train) // pairs_per_step
     if steps_per_epoch == 0:
-        sys.exit(f"error: --batch_size {args.batch_size} x --grad_accum {args.grad_accum} = {pairs_per_step} pairs "
-                 f"per step, but {directory} has only {len(train)} training pairs")
+        sys.exit(f"error: --batch_size {args.batch_size} x --grad_accum {args.grad_accum} x {world} processes = "
+                 f"{pairs_per_step} pairs per step, but {directory} has only {len(train)} training pairs")
     max_steps = args.max_steps or args.epochs * steps_per_epoch
     checkpoint = (list_checkpoints(directory) or [None])[-1]
     if checkpoint and not os.path.exists(os.path.join(directory, "reference_logps.pt")):
         sys.exit(f"error: {directory} has checkpoints but no reference_logps.pt; it cannot be resumed")
     # the reference pi^(t-1) is the initial policy: its log-probs, computed once and kept with the round
     cache = reference_cache(args, policy, {"train": train, "eval": held_out}, record, tokenizer.pad_token_id, device, directory)
-    ref = lambda chunk, idx, split: cache[split][list(idx)].to(device).unbind(-1)
+    ref = lambda chunk, idx, split: cache[split][idx].to(device).unbind(-1)
     if checkpoint:
         policy = load_model(checkpoint, args.dtype, device, args.trust_remote_code)
+        parallelize(policy, args)
     if args.gradient_checkpointing:
         enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
         enable({"use_reentrant": False})  # the name since transformers 5.x; the old one before
@@ -684,7 +699,7 @@ def train_round(args, directory, policy, train, held_out, record, tokenizer, dev
     # ---------------------------------------------------------------- the training loop
     log = open_metrics(directory, start_step)  # forgets what a killed run logged after its checkpoint
     if start_step == 0:
-        log({"step": 0, **evaluate(policy, held_out, ref, args, tokenizer.pad_token_id, device)})
+        log({"step": 0, **evaluate(policy, held_out, cache["eval"], args, tokenizer.pad_token_id, device)})
     policy.train()
     signals["stop_after_step"] = True  # from here Ctrl-C / SIGTERM finish the step and save first
     save_seconds = 3 * sum(p.numel() * p.element_size() for p in policy.parameters()) / 2e8  # a guess at 200 MB/s
@@ -692,10 +707,11 @@ def train_round(args, directory, policy, train, held_out, record, tokenizer, dev
     for step in bar:
         epoch, position = divmod(step, steps_per_epoch)  # the data position follows from the step: resumable
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed + 1 + epoch))
-        indices = order[position * pairs_per_step:(position + 1) * pairs_per_step].tolist()
+        indices = order[position * pairs_per_step:(position + 1) * pairs_per_step].tolist()[rank::world]
         sums = {}
         for micro in range(args.grad_accum):
             idx = indices[micro * args.batch_size:(micro + 1) * args.batch_size]
+            sync_gradients(policy, micro == args.grad_accum - 1)  # under torchrun: once a step
             chunk = [train[i] for i in idx]
             policy_chosen_logps, policy_rejected_logps = pair_logps(policy, chunk, tokenizer.pad_token_id, device)
             reference_chosen_logps, reference_rejected_logps = ref(chunk, idx, "train")
@@ -705,8 +721,8 @@ def train_round(args, directory, policy, train, held_out, record, tokenizer, dev
             (losses.mean() / args.grad_accum).backward()
             metrics = dpo_metrics(losses.detach(), chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
             sums = {k: sums.get(k, 0) + v / args.grad_accum for k, v in metrics.items()}
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-        values = torch.stack([*sums.values(), grad_norm.float()]).tolist()  # the step's one host sync
+        grad_norm = clip_grad_norm_(policy, args.max_grad_norm)
+        values = mean_over_ranks(torch.stack([*sums.values(), grad_norm.float()])).tolist()  # one host sync
         row = dict(zip([*sums, "grad_norm"], values))
         if not all(map(math.isfinite, values)):
             stop(f"non-finite loss or gradient at step {step + 1} of {directory} ({row})", directory)
@@ -717,20 +733,21 @@ def train_round(args, directory, policy, train, held_out, record, tokenizer, dev
         row.update(step=step + 1, epoch=round((step + 1) / steps_per_epoch, 3), learning_rate=scheduler.get_last_lr()[0])
         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == max_steps:
-            row.update(evaluate(policy, held_out, ref, args, tokenizer.pad_token_id, device))
+            row.update(evaluate(policy, held_out, cache["eval"], args, tokenizer.pad_token_id, device))
             tqdm.write(f"step {step + 1}: eval loss {row['eval_loss']:.4f}, "
                        f"accuracy {row['eval_rewards/accuracies']:.3f}, margin {row['eval_rewards/margins']:.3f}")
         log(row)
-        if (step + 1) % args.save_every == 0 or step + 1 == max_steps or signals["requested"] and save_seconds < 10:
+        requested, slow_save = agree(signals["requested"] or 0, save_seconds >= 10)  # the same on every rank
+        if (step + 1) % args.save_every == 0 or step + 1 == max_steps or requested and not slow_save:
             started = time.time()
             save_checkpoint(directory, policy, tokenizer, optimizer, scheduler, step + 1)
             save_seconds = time.time() - started
-        if signals["requested"]:
+        if requested:
             bar.close()
             print(f"stopped after step {step + 1}; newest checkpoint: "
                   f"{(list_checkpoints(directory) or ['none (a resume starts at step 0)'])[-1]}. "
                   f"{resume_command(args, argv) or ''}", file=sys.stderr)
-            raise SystemExit(128 + signals["requested"])
+            raise SystemExit(128 + int(requested))
     signals["stop_after_step"] = False
     save_final(directory, policy, tokenizer)  # last: its presence marks the round's training complete
     return policy, max_steps, max_steps - start_step
@@ -765,6 +782,7 @@ def run_round(t, args, models, offline, held_out, prompts, record, tokenizer, de
     os.makedirs(directory, exist_ok=True)
     trains = t > 0 or args.model is None
     policy = load_model(models[t - 1] if trains else models[0], args.dtype, device, args.trust_remote_code)
+    parallelize(policy, args)  # under torchrun: DDP or FSDP2; else nothing
     summary, seconds = {"round": t, "trained": trains}, {}
     train = offline
     if t > 0:
@@ -776,7 +794,7 @@ def run_round(t, args, models, offline, held_out, prompts, record, tokenizer, de
         policy, summary["steps"], ran = train_round(settings, directory, policy, train, held_out, record, tokenizer,
                                                     device, signals, argv)
         seconds["training"] = time.time() - started
-        for later in os.listdir(args.output_dir) if ran else []:  # built on an older pi^(t) (a resume with more steps)
+        for later in os.listdir(args.output_dir) if ran and is_main() else []:  # built on an older pi^(t) (a resume)
             if later.startswith("round_") and int(later[6:]) > t:
                 shutil.rmtree(os.path.join(args.output_dir, later))
     if toy:  # gold reward, length and KL to the SFT model of one sample per test prompt
@@ -787,9 +805,7 @@ def run_round(t, args, models, offline, held_out, prompts, record, tokenizer, de
             summary.update({f"toy/sft_{k}": v for k, v in toy.evaluate(sft, sft, tokenizer, toy_prompts, seed=args.seed).items()})
         seconds["toy_evaluation"] = time.time() - started
     summary["seconds"] = seconds
-    with open(path + ".tmp", "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(path + ".tmp", path)  # last: the round is done
+    on_rank_0(write_json, path, summary)  # last: the round is done
     print(f"round {t}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
                                      if k not in ("round", "seconds", "scored_with")))
     crash_point("round")
@@ -815,7 +831,8 @@ def table(summaries):
 
 def main(argv=None):
     args = parse_dice_args(argv)  # every flag checked; nothing read or written yet
-    check_output_dir(args)  # reads only; a DICE run keeps its checkpoints in its rounds' directories
+    rank, world, device = init_distributed(args)  # (0, 1, "cuda" or "cpu") unless under torchrun
+    on_rank_0(check_output_dir, args)  # reads only; a DICE run keeps its checkpoints in its rounds' directories
     with interrupts(lambda: resume_command(args, argv)) as signals:
         toy, toy_prompts = None, None
         if args.dataset is None:  # the built-in toy task; its SFT model is pi^(-1)
@@ -825,13 +842,12 @@ def main(argv=None):
             args.dataset = os.path.join(toy_dir, "train_pairs.jsonl")
             args.eval_dataset = args.eval_dataset or os.path.join(toy_dir, "test_pairs.jsonl")
             toy_prompts = toy.test_prompts(toy_dir)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         tokenizer = load_tokenizer(args.model or args.ref_model, args.trust_remote_code)
         train, held_out = load_data(args, tokenizer)
-        pairs_per_step = args.batch_size * args.grad_accum
+        pairs_per_step = args.batch_size * args.grad_accum * world
         if len(train) < pairs_per_step:
-            sys.exit(f"error: --batch_size {args.batch_size} x --grad_accum {args.grad_accum} = {pairs_per_step} pairs "
-                     f"per step, but {args.dataset} gives only {len(train)} training pairs")
+            sys.exit(f"error: --batch_size {args.batch_size} x --grad_accum {args.grad_accum} x {world} processes = "
+                     f"{pairs_per_step} pairs per step, but {args.dataset} gives only {len(train)} training pairs")
         record = run_record(args, tokenizer)
         if args.resume:
             check_resume(args, record)
@@ -841,8 +857,8 @@ def main(argv=None):
         for name in (args.model, args.ref_model):  # loadable, checked before anything is written; weights load later
             if name:
                 from_pretrained(AutoConfig, name, "a causal LM", trust_remote_code=args.trust_remote_code)
-        if not args.resume:
-            claim_output_dir(args, record)  # only now: a run that fails on its inputs leaves nothing behind
+        if not args.resume:  # only now: a run that fails on its inputs leaves nothing behind
+            args.output_dir = on_rank_0(claim_output_dir, args, record)
 
         # pi^(t): the reference of the DPO model, the DPO model (given, or round 0's), then each round's
         models = {-1: args.ref_model, 0: args.model or os.path.join(args.output_dir, "round_0"),

@@ -90,3 +90,89 @@ def test_resume_needs_the_same_number_of_processes(toy_dir, data, tmp_path, caps
     with pytest.raises(SystemExit) as e:
         dpo.main(flags(toy_dir, data, 2) + ["--output_dir", out, "--max_steps", "2", "--resume"])
     assert "the number of processes differs" in str(e.value) and "(2 there, 1 here)" in str(e.value)
+
+
+def test_dice_under_fsdp_samples_and_scores_every_prompt_once_and_saves_a_whole_model(toy_dir, data, tmp_path):
+    out, sft = str(tmp_path / "run"), os.path.join(toy_dir, "sft")
+    torchrun("dice.py", ["--model", sft, "--ref_model", sft, "--dataset", os.path.join(data, "train.jsonl"),
+                         "--eval_dataset", os.path.join(data, "eval.jsonl"), "--batch_size", "2", "--grad_accum", "1",
+                         "--learning_rate", "1e-3", "--warmup_steps", "2", "--eval_every", "4", "--max_steps", "4",
+                         "--rounds", "1", "--num_samples", "4", "--min_valid", "2", "--max_prompts", "11",
+                         "--max_new_tokens", "32", "--sample_batch_size", "16", "--fsdp", "--output_dir", out])
+    rows = lambda name: [json.loads(line) for line in open(os.path.join(out, "round_1", name))]
+    samples, scores = rows("samples.jsonl"), rows("scores.jsonl")
+    assert len(samples) == len({s["prompt"] for s in samples}) == len(scores) == 11  # an odd count: shares padded
+    assert [s["prompt"] for s in samples] == [s["prompt"] for s in scores]
+    for sample, score in zip(samples, scores):  # a score exactly where a response is usable
+        assert [v is not None for v in score["scores"]] == sample["usable"]
+    assert len(read_metrics(os.path.join(out, "round_1"))) == 5
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+# ---------------------------------------------------------------- pointwise_dpo.py
+@pytest.fixture(scope="module")
+def pointwise_one_process(toy_dir, data, tmp_path_factory):
+    import pointwise_dpo
+    out = str(tmp_path_factory.mktemp("pointwise_one") / "run")
+    pointwise_dpo.main(flags(toy_dir, data, 4) + ["--output_dir", out, "--max_steps", "4"])
+    return out
+
+
+@pytest.mark.parametrize("mode", ["--ddp", "--fsdp"])
+def test_pointwise_two_processes_train_like_one(toy_dir, data, pointwise_one_process, tmp_path, mode):
+    """The pairs read as 128 rows (chosen 1, rejected 0): a micro-batch's positives and negatives are split unevenly
+    between the ranks, and the two subsets' means must still be over the whole micro-batch."""
+    out = str(tmp_path / "run")
+    torchrun("pointwise_dpo.py", flags(toy_dir, data, 2) + [mode, "--output_dir", out, "--max_steps", "4"])
+    one, two = read_metrics(pointwise_one_process), read_metrics(out)
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 1, 2, 3, 4]
+    for a, b in zip(one, two):
+        for k in ("loss", "grad_norm", "rewards/positive", "rewards/negative", "eval_loss", "eval_rewards/positive"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], abs=1e-5), (a["step"], k)
+    assert one[-1]["loss"] != one[1]["loss"]  # the weights did move
+
+    from transformers import AutoModelForCausalLM
+    a = AutoModelForCausalLM.from_pretrained(pointwise_one_process).state_dict()
+    for directory in (out, os.path.join(out, "checkpoint-4")):  # whole save_pretrained directories
+        b = AutoModelForCausalLM.from_pretrained(directory).state_dict()
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-5), (directory, k)
+
+
+# ---------------------------------------------------------------- distilled_dpo.py
+def test_distilled_two_processes_train_teachers_margins_samples_and_policy(toy_dir, data, tmp_path):
+    """Every stage under 2 processes (DDP): two reward models trained, their margins computed each rank its share,
+    the reference samples of the forward KL drawn each rank its share, the policy trained; the gathered margins
+    and sample log-probs are those one process computes from the saved reward models and the initial model."""
+    import distilled_dpo
+    from common import collate, load_model, sequence_logps
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    out = str(tmp_path / "run")
+    torchrun("distilled_dpo.py", flags(toy_dir, data, 2) + [
+        "--ddp", "--output_dir", out, "--max_steps", "2", "--objective", "ensemble", "--num_reward_models", "2",
+        "--calibration", "none", "--gamma", "0.1", "--max_new_tokens", "8", "--rm_learning_rate", "3e-4"])
+    assert [r["step"] for r in read_metrics(out)] == [0, 1, 2] and os.path.isdir(os.path.join(out, "checkpoint-2"))
+    AutoModelForCausalLM.from_pretrained(out), AutoModelForCausalLM.from_pretrained(os.path.join(out, "checkpoint-2"))
+
+    args = distilled_dpo.parse_distill_args(flags(toy_dir, data, 2) + ["--objective", "ensemble"])
+    tokenizer = distilled_dpo.load_tokenizer(args.model)
+    _, _, train_rows, held_out_rows = distilled_dpo.load_data(args, tokenizer)
+    margins = torch.load(os.path.join(out, "margins.pt"), weights_only=False)
+    assert margins["raw_train"].shape == (64, 2) and margins["raw_eval"].shape == (15, 2)  # 15: one share padded
+    for k in range(2):
+        teacher = AutoModelForSequenceClassification.from_pretrained(os.path.join(out, f"reward_model_{k}"))
+        assert teacher.config.num_labels == 1
+        expected = distilled_dpo.model_margins(os.path.join(out, f"reward_model_{k}"), [train_rows, held_out_rows], args, "cpu")
+        assert torch.allclose(margins["raw_train"][:, k], expected[0], atol=1e-5)
+        assert torch.allclose(margins["raw_eval"][:, k], expected[1], atol=1e-5)
+    assert margins["raw_train"].std() > 0
+
+    samples = torch.load(os.path.join(out, "reference_samples.pt"), weights_only=False)
+    assert len(samples["prompts"]) == len(samples["responses"]) == len(samples["logps"]) == 64
+    initial = load_model(os.path.join(toy_dir, "sft"), "float32", "cpu").eval()
+    with torch.no_grad():
+        batch = collate(list(zip(samples["prompts"], samples["responses"])), tokenizer.pad_token_id)
+        assert torch.allclose(sequence_logps(initial, batch)[0], samples["logps"], atol=1e-4)
