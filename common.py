@@ -667,12 +667,14 @@ def mean_over_ranks(tensor):
     return tensor / _dist().get_world_size()
 
 
-def my_share(n):
+def my_share(n, weights=False):
     """Indices of this rank's contiguous share of n items; every rank gets the same count (the last item
-    repeated to fill), so that each runs the same forward passes, as FSDP2 needs."""
+    repeated to fill), so that each runs the same forward passes, as FSDP2 needs. With weights=True also a
+    (count,) tensor: 1 for the rank's own items, 0 for the repeats."""
     rank, world = (_dist().get_rank(), _dist().get_world_size()) if _dist() else (0, 1)
     per = -(-n // world)
-    return [min(i, n - 1) for i in range(rank * per, (rank + 1) * per)]
+    share = [min(i, n - 1) for i in range(rank * per, (rank + 1) * per)]
+    return (share, torch.tensor([float(i < n) for i in range(rank * per, (rank + 1) * per)])) if weights else share
 
 
 def gather_shares(tensor, n):
@@ -762,19 +764,19 @@ def clip_grad_norm_(model, max_norm):
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def full_state(model, optimizer=None):
-    """(model state, optimizer state) as full tensors on rank 0's CPU, keyed by parameter name (so a checkpoint
-    loads on any number of processes); None for the model state in a single process (save_pretrained reads
-    the model itself), and {} on ranks other than 0. Every rank must call it."""
+def full_state(model, optimizer=None, weights=True):
+    """(model state, optimizer state) as full tensors keyed by parameter name (so a checkpoint loads on any number
+    of processes): under torchrun gathered on rank 0's CPU ({} on the other ranks; every rank must call it), in a
+    single process the model's own tensors. The model state is None for weights=False."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options) if _dist() else None
+    model_state = None if not weights else get_model_state_dict(model, options=options) if _dist() else model.state_dict()
     seen, tied = set(), set()  # a weight shared by two modules (tied embeddings) is saved once, as save_pretrained does
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
             tied.add(name)
         seen.add(id(p))
-    model_state = model_state and {k: v for k, v in model_state.items() if k not in tied}
+    model_state = None if model_state is None else {k: v for k, v in model_state.items() if k not in tied}
     if optimizer is None or not isinstance(optimizer, torch.optim.Optimizer):  # none, or one that saves itself
         return model_state, optimizer and optimizer.state_dict()  # (D2PO's optimizer plus discriminator)
     return model_state, get_optimizer_state_dict(model, optimizer, options=options)
@@ -787,7 +789,15 @@ def load_optimizer_state(model, optimizer, state):
     if not isinstance(optimizer, torch.optim.Optimizer):
         return optimizer.load_state_dict(state)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=_dist() is not None)
-    set_optimizer_state_dict(model, optimizer, state, options=options)
+    set_optimizer_state_dict(model, optimizer, state or {}, options=options)
+
+
+def load_model_state(model, state):
+    """The model state of `full_state` into this rank's model (its shard under FSDP2); under torchrun only rank 0
+    needs to have read it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=_dist() is not None)
+    set_model_state_dict(model, state or {}, options=options)
 
 
 def this_rank():

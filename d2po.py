@@ -27,7 +27,8 @@ Run:
         --gold rm:Skywork/Skywork-Reward-Llama-3.1-8B-v0.2 --disc_model Qwen/Qwen2.5-0.5B-Instruct --gold_budget 500
     python d2po.py --model M --dataset prompts.jsonl --gold human --gold_budget 200 --output_dir out
     python d2po.py <the same flags> --output_dir out --resume
-Single process, one device; multi-GPU (torchrun / FSDP) is not implemented.
+    torchrun --nproc_per_node=8 d2po.py <the same flags>    # several GPUs: as dpo.py; each rank samples its share
+                                                            # of the step's prompts, rank 0 alone asks for gold
 
 Every gold label is appended to <output_dir>/gold.jsonl and flushed the moment it arrives; a resumed run reuses
 a label it has (found by the pair's tokens) and never asks for it again, and the budget counts what is on disk.
@@ -79,10 +80,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (check_rows, crash_point, disable_dropout, encode_prompt, encode_response, fingerprint,
-                    from_pretrained, full_state, gather_objects, grouped_logps, is_main, load_model,
-                    load_optimizer_state, load_rows, load_tokenizer, prompt_head_length, report_dropped,
-                    sample_responses, this_rank, truncate, world_size)
+from common import (_through_wrapper, agree, check_rows, clip_grad_norm_, crash_point, disable_dropout, encode_prompt,
+                    encode_response, fingerprint, from_pretrained, full_state, gather_objects, gather_shares,
+                    grouped_logps, init_distributed, is_main, load_model, load_model_state, load_optimizer_state,
+                    load_rows, load_tokenizer, mean_over_ranks, my_share, on_rank_0, parallelize, prompt_head_length,
+                    report_dropped, sample_responses, sync_gradients, this_rank, truncate, world_size)
 
 
 @dataclass
@@ -116,6 +118,8 @@ class Args:
     dtype: str = field(default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU",
                                                  "choices": ["auto", "float32", "bfloat16", "float16"]})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
+    ddp: bool = field(default=False, metadata={"help": "under torchrun: a full copy of the model a process (default below 1B parameters)"})
+    fsdp: bool = field(default=False, metadata={"help": "under torchrun: the model sharded over the processes with FSDP2 (default from 1B parameters)"})
     labels: str = field(default="d2po", metadata={"help": "what the policy trains on: gold + silver (d2po), gold only, a static discriminator, or its own implicit reward (self)",
                                                   "choices": ["d2po", "gold", "static", "self"]})
     gold: str = field(default=None, metadata={"help": "who gives gold labels: rm:<hub id or path> (a reward model), human (stdin), or toy (the toy's annotator, which knows only its sentiment words); needed with --model"})
@@ -239,14 +243,15 @@ def pair_order(margins, gold):
 
 @torch.no_grad()
 def response_logps(model, groups, pad_token_id, device, batch_size):
-    """(K,) summed log-probs of every response of the (prompt_ids, [response_ids, ...]) groups, in eval mode."""
-    out, was_training = [], model.training
+    """(K,) summed log-probs of every response of the (prompt_ids, [response_ids, ...]) groups, in eval mode. Under
+    torchrun each rank computes its share of the groups and every rank gets all (the groups' sizes must be equal)."""
+    mine, out, was_training = [groups[i] for i in my_share(len(groups))], [torch.zeros(0)], model.training
     model.eval()
     per_batch = max(1, batch_size // max(len(r) for _, r in groups))
-    for s in range(0, len(groups), per_batch):
-        out.append(grouped_logps(model, groups[s:s + per_batch], pad_token_id, device)[0].float().cpu())
+    for s in range(0, len(mine), per_batch):
+        out.append(grouped_logps(model, mine[s:s + per_batch], pad_token_id, device)[0].float().cpu())
     model.train(was_training)
-    return torch.cat(out)
+    return gather_shares(torch.cat(out), sum(len(r) for _, r in groups))
 
 
 def scalar_scores(model, rows, pad_token_id, device):
@@ -257,18 +262,20 @@ def scalar_scores(model, rows, pad_token_id, device):
     attention_mask = torch.zeros(B, T, dtype=torch.long)
     for i, row in enumerate(rows):
         input_ids[i, :len(row)], attention_mask[i, :len(row)] = torch.tensor(row), 1
-    return model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits[:, 0].float()  # (B,)
+    forward = lambda: model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+    return _through_wrapper(model, forward)[:, 0].float()  # (B,); under torchrun inside the DDP/FSDP2 wrapper
 
 
 @torch.no_grad()
 def score_rows(model, rows, pad_token_id, device, batch_size):
-    """(N,) discriminator (or reward model) scores of token-id rows, in eval mode, batch_size rows at a time."""
-    was_training = model.training
+    """(N,) discriminator (or reward model) scores of token-id rows, in eval mode, batch_size rows at a time. Under
+    torchrun each rank scores its share of the rows and every rank gets all scores."""
+    was_training, mine = model.training, [rows[i] for i in my_share(len(rows))]
     model.eval()
-    out = torch.cat([scalar_scores(model, rows[s:s + batch_size], pad_token_id, device).cpu()
-                     for s in range(0, len(rows), batch_size)])
+    out = torch.cat([torch.zeros(0)] + [scalar_scores(model, mine[s:s + batch_size], pad_token_id, device).cpu()
+                                        for s in range(0, len(mine), batch_size)])
     model.train(was_training)
-    return out
+    return gather_shares(out, len(rows))
 
 
 def train_discriminator(model, optimizer, pairs, args, pad_token_id, device, generator):
@@ -280,7 +287,7 @@ def train_discriminator(model, optimizer, pairs, args, pad_token_id, device, gen
         for batch in torch.randperm(len(pairs), generator=generator).split(args.disc_batch_size):
             chosen_rows, rejected_rows = zip(*[pairs[i] for i in batch.tolist()])
             scores = scalar_scores(model, [*chosen_rows, *rejected_rows], pad_token_id, device)  # (2b,)
-            loss = bradley_terry_loss(scores[:len(batch)], scores[len(batch):]).mean()
+            loss = bradley_terry_loss(scores[:len(batch)], scores[len(batch):]).mean()  # every rank the same batch
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -385,6 +392,20 @@ def human_gold(stdin=None, out=None):
     return ask
 
 
+def gold_on_rank_0(ask, log, pairs, budget, meta):
+    """collect_gold on rank 0 alone (the only one that asks and writes gold.jsonl), its labels given to every rank;
+    InputEnded on every rank when the labeller's stdin ended."""
+    def ask_once():
+        try:
+            return collect_gold(ask, log, pairs, budget, meta)
+        except InputEnded:
+            return None
+    result = on_rank_0(ask_once)
+    if result is None:
+        raise InputEnded
+    return result
+
+
 def collect_gold(ask, log, pairs, budget, meta):
     """Gold labels of `pairs` (dicts with key, prompt, a, b), in order: the one on disk if the pair has one, else
     asked and appended to the log at once, while the charged labels on disk stay within `budget`. Returns the
@@ -409,21 +430,22 @@ class TrainingState:
     """The policy's optimizer plus what else a D2PO checkpoint needs (the discriminator's weights and optimizer, the
     window bookkeeping): dpo.py's save_checkpoint and restore see it as one optimizer."""
 
-    def __init__(self, optimizer, discriminator, disc_optimizer, window):
-        self.optimizer, self.discriminator, self.disc_optimizer, self.window = optimizer, discriminator, disc_optimizer, window
+    def __init__(self, policy, optimizer, discriminator, disc_optimizer, window):
+        self.policy, self.optimizer, self.window = policy, optimizer, window
+        self.discriminator, self.disc_optimizer = discriminator, disc_optimizer
 
-    def state_dict(self):
-        return {"policy": self.optimizer.state_dict(), "window": copy.deepcopy(self.window),
-                "discriminator": self.discriminator.state_dict() if self.discriminator else None,
-                "disc_optimizer": self.disc_optimizer.state_dict() if self.disc_optimizer else None}
+    def state_dict(self):  # full states, keyed by name; under torchrun every rank calls it and rank 0's is saved
+        disc, disc_optimizer = full_state(self.discriminator, self.disc_optimizer) if self.discriminator else (None, None)
+        return {"policy": full_state(self.policy, self.optimizer, weights=False)[1], "window": copy.deepcopy(self.window),
+                "discriminator": disc, "disc_optimizer": disc_optimizer}
 
-    def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state["policy"])
+    def load_state_dict(self, state):  # under torchrun only rank 0 has read `state`: the rest comes from there
+        load_optimizer_state(self.policy, self.optimizer, state.get("policy"))
         self.window.clear()
-        self.window.update(state["window"])
+        self.window.update(on_rank_0(lambda: state["window"]))
         if self.discriminator:
-            self.discriminator.load_state_dict(state["discriminator"])
-            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+            load_model_state(self.discriminator, state.get("discriminator"))
+            load_optimizer_state(self.discriminator, self.disc_optimizer, state.get("disc_optimizer"))
 
 
 def new_window_state(args):
@@ -502,20 +524,26 @@ def load_data(args, tokenizer):
 
 
 @torch.no_grad()
-def evaluate(policy, pairs, ref, args, pad_token_id, device):
-    """Mean DPO metrics on held-out pairs, TRL's names with the eval_ prefix; the policy in eval mode."""
-    totals, was_training = {}, policy.training
-    policy.eval()
-    for s in range(0, len(pairs), 2 * args.batch_size):
-        chunk = pairs[s:s + 2 * args.batch_size]
-        policy_logps = pair_logps(policy, chunk, pad_token_id, device)
-        ref_logps = ref(chunk, range(s, s + len(chunk)), "eval")
-        metrics = dpo_metrics(*dpo_loss(*policy_logps, *ref_logps, args.beta, args.label_smoothing), *policy_logps)
-        for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + v.item() * len(chunk)
-    policy.train(was_training)
-    return {f"eval_{k}": v / len(pairs) for k, v in totals.items()}
+@torch.no_grad()
+def all_pair_logps(model, pairs, args, pad_token_id, device, desc=None):
+    """(N, 2) summed log-probs of chosen and rejected of every pair, in eval mode. Under torchrun each rank
+    computes its share and every rank gets the whole."""
+    share, out, was_training = my_share(len(pairs)), [torch.zeros(0, 2)], model.training
+    model.eval()
+    for s in tqdm(range(0, len(share), 2 * args.batch_size), desc=desc, disable=desc is None):
+        chunk = [pairs[i] for i in share[s:s + 2 * args.batch_size]]
+        out.append(torch.stack(pair_logps(model, chunk, pad_token_id, device), -1).cpu())
+        crash_point("reference")
+    model.train(was_training)
+    return gather_shares(torch.cat(out), len(pairs))
 
+
+def evaluate(policy, pairs, reference_logps, args, pad_token_id, device):
+    """Mean DPO metrics on held-out pairs, TRL's names with the eval_ prefix; the policy in eval mode."""
+    policy_logps = all_pair_logps(policy, pairs, args, pad_token_id, device).unbind(-1)
+    metrics = dpo_metrics(*dpo_loss(*policy_logps, *reference_logps.unbind(-1), args.beta, args.label_smoothing),
+                          *policy_logps)
+    return {f"eval_{k}": v.item() for k, v in metrics.items()}
 
 
 # ---------------------------------------------------------------- the run directory (TRY NOT TO MODIFY)
@@ -746,13 +774,16 @@ def load_discriminator(args, device):
 
 
 def sample_pairs(policy, tokenizer, prompt_ids, args, seed):
-    """Two samples y_a, y_b of the policy for each prompt, batched with the KV cache, from a seed of the step's own."""
+    """Two samples y_a, y_b of the policy for each prompt, batched with the KV cache, from a seed of the step's own.
+    Under torchrun each rank samples its share of the prompts (its own seed) and every rank gets all samples."""
+    mine = [prompt_ids[i] for i in my_share(len(prompt_ids))]
     with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-        torch.manual_seed(seed)
-        responses = sample_responses(policy, tokenizer, prompt_ids + prompt_ids, args.max_new_tokens, args.temperature,
+        torch.manual_seed(seed * world_size() + this_rank())
+        responses = sample_responses(policy, tokenizer, mine + mine, args.max_new_tokens, args.temperature,
                                      args.sample_batch_size)
     crash_point("sample")
-    return responses[:len(prompt_ids)], responses[len(prompt_ids):]
+    pairs = sum(gather_objects(list(zip(responses[:len(mine)], responses[len(mine):]))), [])[:len(prompt_ids)]
+    return [a for a, _ in pairs], [b for _, b in pairs]
 
 
 @contextlib.contextmanager
@@ -795,7 +826,8 @@ def main(argv=None):
         sys.exit("error: --labels static needs --initial_gold N: its discriminator is trained once, on those labels")
     if args.initial_gold > args.gold_budget:
         sys.exit(f"error: --initial_gold {args.initial_gold} is more than --gold_budget {args.gold_budget}")
-    checkpoint = check_output_dir(args)  # reads only
+    rank, world, device = init_distributed(args)  # (0, 1, "cuda" or "cpu") unless under torchrun
+    checkpoint = on_rank_0(check_output_dir, args)  # reads only
     with interrupts(lambda: resume_command(args, argv)) as signals:
         toy = None
         if args.model is None:  # the built-in toy task
@@ -803,14 +835,14 @@ def main(argv=None):
             toy_dir = toy.ensure_built()
             args.model, args.dataset = os.path.join(toy_dir, "sft"), os.path.join(toy_dir, "train_pairs.jsonl")
             args.eval_dataset = args.eval_dataset or os.path.join(toy_dir, "test_pairs.jsonl")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         tokenizer = load_tokenizer(args.model, args.trust_remote_code)
         prompts, held_out = load_data(args, tokenizer)
-        prompts_per_step = args.batch_size * args.grad_accum
+        prompts_per_step = args.batch_size * args.grad_accum * world  # each rank samples batch_size x grad_accum
         steps_per_epoch = len(prompts) // prompts_per_step
         if steps_per_epoch == 0:
-            sys.exit(f"error: --batch_size {args.batch_size} x --grad_accum {args.grad_accum} = {prompts_per_step} prompts "
-                     f"per step, but {args.dataset} gives only {len(prompts)} distinct training prompts")
+            sys.exit(f"error: --batch_size {args.batch_size} x --grad_accum {args.grad_accum} x {world} processes = "
+                     f"{prompts_per_step} prompts per step, but {args.dataset} gives only {len(prompts)} distinct "
+                     f"training prompts")
         max_steps = args.max_steps or args.epochs * steps_per_epoch
         record = run_record(args, tokenizer)
         record["inputs"].update(disc_model=fingerprint(args.disc_model),
@@ -823,18 +855,22 @@ def main(argv=None):
         if args.gradient_checkpointing:
             enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
             enable({"use_reentrant": False})  # the name since transformers 5.x; the old one before
+        parallelize(policy, args)  # under torchrun: DDP or FSDP2; else nothing
         # pi_0 for the fresh samples: a frozen copy of the initial weights (see the docstring for its memory)
         reference = load_model(args.ref_model or args.model, args.dtype, device, args.trust_remote_code)
         reference.eval().requires_grad_(False)
+        parallelize(reference, args, trainable=False)
         discriminator = disc_tokenizer = disc_optimizer = None
         if args.labels in ("d2po", "static"):
             discriminator, disc_tokenizer = load_discriminator(args, device)
+            parallelize(discriminator, args)
             disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=args.disc_learning_rate)
-        ask = (toy_gold(args.seed) if args.gold == "toy" else human_gold() if args.gold == "human" else
-               reward_model_gold(args.gold[3:], args, device))
-        if not args.resume:
-            claim_output_dir(args, record)  # only now: a run that fails on its inputs leaves nothing behind
-        ref = lambda chunk, idx, split: pair_logps(reference, chunk, tokenizer.pad_token_id, device)
+        ask = None if not is_main() else (  # the gold labeller lives on rank 0
+            toy_gold(args.seed) if args.gold == "toy" else human_gold() if args.gold == "human" else
+            reward_model_gold(args.gold[3:], args, device))
+        if not args.resume:  # only now: a run that fails on its inputs leaves nothing behind
+            args.output_dir = on_rank_0(claim_output_dir, args, record)
+        held_out_ref = all_pair_logps(reference, held_out, args, tokenizer.pad_token_id, device) if held_out else None
         same_vocab = disc_tokenizer is None or disc_tokenizer.get_vocab() == tokenizer.get_vocab()
         to_disc = lambda p, r: ((p + r) if same_vocab else disc_tokenizer(tokenizer.decode(p + r))["input_ids"])[-args.max_length:]
         decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
@@ -848,12 +884,12 @@ def main(argv=None):
             optimizer = torch.optim.RMSprop(policy.parameters(), lr=args.learning_rate)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
         window = new_window_state(args)
-        state = TrainingState(optimizer, discriminator, disc_optimizer, window)  # saved and restored as "the optimizer"
+        state = TrainingState(policy, optimizer, discriminator, disc_optimizer, window)  # saved, restored as "the optimizer"
         start_step = restore(checkpoint, policy, state, scheduler) if checkpoint else 0
         if finished(args.output_dir, start_step, max_steps):
             print(f"{args.output_dir}: this run is complete ({start_step} steps); nothing to do")
             return
-        gold_log = GoldLog(os.path.join(args.output_dir, "gold.jsonl"))
+        gold_log = GoldLog(os.path.join(args.output_dir, "gold.jsonl")) if is_main() else None  # rank 0 writes it
 
         def pair_items(batch, responses_a, responses_b):
             return [dict(key=GoldLog.key(ids, a, b), prompt=decode(ids), a=decode(a), b=decode(b), raw_prompt=raw)
@@ -871,7 +907,7 @@ def main(argv=None):
                     batch = [prompts[order[i % len(prompts)]] for i in range(args.initial_gold)]
                     responses_a, responses_b = sample_pairs(reference, tokenizer, [ids for _, ids in batch], args, args.seed * 1000003)
                     items = [item for item, a, b in zip(pair_items(batch, responses_a, responses_b), responses_a, responses_b) if a != b]
-                    labels, _ = collect_gold(ask, gold_log, items, args.gold_budget, {"step": 0, "window": 0})
+                    labels, _ = gold_on_rank_0(ask, gold_log, items, args.gold_budget, {"step": 0, "window": 0})
                     window["gold_used"] = sum(label != "skip" for label in labels)
                     rows = [(to_disc(ids, a), to_disc(ids, b)) for (_, ids), a, b in zip(batch, responses_a, responses_b) if a != b]
                     scores = score_rows(discriminator, [r for pair in rows for r in pair], disc_pad, device, args.sample_batch_size).view(-1, 2)
@@ -885,7 +921,7 @@ def main(argv=None):
                 # ---------------------------------------------------------------- the training loop
                 log = open_metrics(args.output_dir, start_step)  # forgets what a killed run logged after its checkpoint
                 if start_step == 0 and held_out:
-                    log({"step": 0, **evaluate(policy, held_out, ref, args, tokenizer.pad_token_id, device)})
+                    log({"step": 0, **evaluate(policy, held_out, held_out_ref, args, tokenizer.pad_token_id, device)})
                 policy.train()
                 signals["stop_after_step"] = True  # from here Ctrl-C / SIGTERM finish the step and save first
                 save_seconds = 3 * sum(p.numel() * p.element_size() for p in policy.parameters()) / 2e8  # a guess at 200 MB/s
@@ -924,8 +960,8 @@ def main(argv=None):
                         n = len(batch) if args.labels == "gold" else w["left"]
                         chosen = gold_candidates(margins, eligible, n, args.gold_select if args.labels != "gold" else "conf",
                                                  torch.Generator().manual_seed(args.seed * 1000003 + step + 1))
-                        labels, _ = collect_gold(ask, gold_log, [items[i] for i in chosen], args.gold_budget,
-                                                 {"step": step + 1, "window": w["number"] if was_open else None})
+                        labels, _ = gold_on_rank_0(ask, gold_log, [items[i] for i in chosen], args.gold_budget,
+                                                   {"step": step + 1, "window": w["number"] if was_open else None})
                         gold = dict(zip(chosen, labels))
                         charged = sum(label != "skip" for label in labels)
                         w["gold_used"] += charged
@@ -957,21 +993,28 @@ def main(argv=None):
                     step_reference = torch.stack([reference_logps[kept, first], reference_logps[kept, 1 - first]], -1)  # (n, 2)
                     n_gold = sum(gold.get(i) in ("a", "b") for i in keep)
 
-                    # DPO updates on the step's pairs against the fixed pi_0 (mean over the pairs: deviation 2)
+                    # DPO updates on the step's pairs against the fixed pi_0 (mean over the pairs: deviation 2); under
+                    # torchrun each rank takes its share (weight 0 on the repeats that even the shares out)
+                    share, weights = my_share(len(step_pairs), weights=True)
                     for update in range(args.updates_per_step):
                         sums = {}
-                        for s in range(0, len(step_pairs), args.batch_size):
-                            chunk = step_pairs[s:s + args.batch_size]
+                        for s in range(0, len(share), args.batch_size):
+                            chunk, weight = [step_pairs[i] for i in share[s:s + args.batch_size]], weights[s:s + args.batch_size]
                             policy_chosen_logps, policy_rejected_logps = pair_logps(policy, chunk, tokenizer.pad_token_id, device)
-                            reference_chosen_logps, reference_rejected_logps = step_reference[s:s + args.batch_size].to(device).unbind(-1)
+                            reference_chosen_logps, reference_rejected_logps = step_reference[share[s:s + args.batch_size]].to(device).unbind(-1)
                             losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen_logps, policy_rejected_logps,
                                                                                 reference_chosen_logps, reference_rejected_logps,
                                                                                 args.beta, args.label_smoothing)
-                            (losses.sum() / len(step_pairs)).backward()
-                            metrics = dpo_metrics(losses.detach(), chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
-                            sums = {k: sums.get(k, 0) + v * len(chunk) / len(step_pairs) for k, v in metrics.items()}
-                        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                        values = torch.stack([*sums.values(), grad_norm.float()]).tolist()  # the update's one host sync
+                            sync_gradients(policy, s + args.batch_size >= len(share))  # under torchrun: once an update
+                            ((losses * weight.to(device)).sum() * world / len(step_pairs)).backward()  # x world: ranks average
+                            real = weight.bool()
+                            metrics = dpo_metrics(losses.detach()[real], chosen_rewards[real], rejected_rewards[real],
+                                                  policy_chosen_logps[real], policy_rejected_logps[real])
+                            part = lambda v: (v * real.sum() if real.any() else torch.zeros((), device=v.device)) / len(step_pairs)
+                            sums = {k: sums.get(k, 0) + part(v) for k, v in metrics.items()}  # summed over the ranks below
+                        grad_norm = clip_grad_norm_(policy, args.max_grad_norm)
+                        values = (mean_over_ranks(torch.stack([*sums.values()])) * world).tolist() if sums else []
+                        values += [grad_norm.item()]  # the update's host syncs
                         if update == 0:
                             row = dict(zip([*sums, "grad_norm"], values))  # the first update's: on the samples' policy
                         if not all(map(math.isfinite, values)):
@@ -997,20 +1040,21 @@ def main(argv=None):
                     bar.set_postfix(loss=f"{row.get('loss', math.nan):.4f}", gold=w["gold_used"],
                                     disc_acc=f"{(w['accuracies'] or [math.nan])[-1]:.2f}")
                     if held_out and ((step + 1) % args.eval_every == 0 or step + 1 == max_steps):
-                        row.update(evaluate(policy, held_out, ref, args, tokenizer.pad_token_id, device))
+                        row.update(evaluate(policy, held_out, held_out_ref, args, tokenizer.pad_token_id, device))
                         tqdm.write(f"step {step + 1}: eval loss {row['eval_loss']:.4f}, "
                                    f"accuracy {row['eval_rewards/accuracies']:.3f}, margin {row['eval_rewards/margins']:.3f}")
                     log(row)
-                    if (step + 1) % args.save_every == 0 or step + 1 == max_steps or signals["requested"] and save_seconds < 10:
+                    requested, slow_save = agree(signals["requested"] or 0, save_seconds >= 10)  # the same on every rank
+                    if (step + 1) % args.save_every == 0 or step + 1 == max_steps or requested and not slow_save:
                         started = time.time()
                         save_checkpoint(args.output_dir, policy, tokenizer, state, scheduler, step + 1)
                         save_seconds = time.time() - started
-                    if signals["requested"]:
+                    if requested:
                         bar.close()
                         print(f"stopped after step {step + 1}; newest checkpoint: "
                               f"{(list_checkpoints(args.output_dir) or ['none (a resume starts at step 0)'])[-1]}. "
                               f"{resume_command(args, argv) or ''}", file=sys.stderr)
-                        raise SystemExit(128 + signals["requested"])
+                        raise SystemExit(128 + int(requested))
                 signals["stop_after_step"] = False
 
                 if toy:
@@ -1025,17 +1069,19 @@ def main(argv=None):
             signals["stop_after_step"] = False
             if step > start_step:
                 save_checkpoint(args.output_dir, policy, tokenizer, state, scheduler, step)
-            print(f"\nstdin ended: {gold_log.charged} gold labels are in {gold_log.path}; the run stopped after step "
-                  f"{step}. {resume_command(args, argv) or ''}", file=sys.stderr)
+            if is_main():
+                print(f"\nstdin ended: {gold_log.charged} gold labels are in {gold_log.path}; the run stopped after step "
+                      f"{step}. {resume_command(args, argv) or ''}", file=sys.stderr)
             return
-        accuracies = window["accuracies"]
-        print(f"gold labels: {window['gold_used']} used of --gold_budget {args.gold_budget} ({gold_log.charged} in "
-              f"{gold_log.path})" + (f"; discriminator accuracy against gold on each new window, before training on it: "
+        accuracies, on_disk = window["accuracies"], f"{gold_log.charged} in {gold_log.path}" if is_main() else ""
+        print(f"gold labels: {window['gold_used']} used of --gold_budget {args.gold_budget} ({on_disk})" + (f"; discriminator accuracy against gold on each new window, before training on it: "
                                      f"{accuracies[0]:.2f} (first) -> {accuracies[-1]:.2f} (newest), mean "
                                      f"{sum(accuracies) / len(accuracies):.2f} over {len(accuracies)} windows" if accuracies else ""))
         if discriminator is not None:
-            discriminator.save_pretrained(os.path.join(args.output_dir, "discriminator"))
-            disc_tokenizer.save_pretrained(os.path.join(args.output_dir, "discriminator"))
+            disc_state, _ = full_state(discriminator)  # under torchrun: gathered on rank 0
+            if is_main():
+                discriminator.save_pretrained(os.path.join(args.output_dir, "discriminator"), state_dict=disc_state)
+                disc_tokenizer.save_pretrained(os.path.join(args.output_dir, "discriminator"))
         save_final(args.output_dir, policy, tokenizer)  # last: its presence marks the run complete
 
 

@@ -171,8 +171,38 @@ def test_distilled_two_processes_train_teachers_margins_samples_and_policy(toy_d
     assert margins["raw_train"].std() > 0
 
     samples = torch.load(os.path.join(out, "reference_samples.pt"), weights_only=False)
-    assert len(samples["prompts"]) == len(samples["responses"]) == len(samples["logps"]) == 64
+    prompts = {json.loads(line)["prompt"] for line in open(os.path.join(data, "train.jsonl"))}
+    assert len(samples["prompts"]) == len(samples["responses"]) == len(samples["logps"]) == len(prompts) == 33  # odd
     initial = load_model(os.path.join(toy_dir, "sft"), "float32", "cpu").eval()
     with torch.no_grad():
         batch = collate(list(zip(samples["prompts"], samples["responses"])), tokenizer.pad_token_id)
         assert torch.allclose(sequence_logps(initial, batch)[0], samples["logps"], atol=1e-4)
+
+
+def test_d2po_resumed_under_fsdp_ends_like_an_uninterrupted_ddp_run_and_asks_each_gold_label_once(toy_dir, tmp_path):
+    """Each rank samples its share of a step's prompts from a seed of the step's and the rank's own, so a run's
+    samples do not depend on DDP or FSDP2 nor on a resume: the same gold labels, losses and weights."""
+    pairs = tmp_path / "pairs.jsonl"
+    with open(os.path.join(toy_dir, "train_pairs.jsonl")) as f:
+        pairs.write_text("".join(f.readlines()[:80]))
+    run = lambda out, *extra: torchrun("d2po.py", [
+        "--model", os.path.join(toy_dir, "sft"), "--dataset", str(pairs), "--gold", "toy", "--output_dir", str(out),
+        "--batch_size", "2", "--grad_accum", "1", "--learning_rate", "1e-3", "--warmup_steps", "1",
+        "--max_new_tokens", "16", "--gold_per_window", "3", "--silver_per_window", "4", "--gold_budget", "7",
+        "--disc_epochs", "1", "--disc_learning_rate", "1e-3", "--eval_every", "2", "--save_every", "2", *extra])
+    run(tmp_path / "ddp", "--ddp", "--max_steps", "4")
+    run(tmp_path / "fsdp", "--fsdp", "--max_steps", "2")
+    run(tmp_path / "fsdp", "--fsdp", "--max_steps", "4", "--resume")
+    whole, resumed = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "fsdp")
+    assert [r["step"] for r in whole] == [r["step"] for r in resumed] == [0, 1, 2, 3, 4]
+    for a, b in zip(whole, resumed):
+        for k in ("loss", "grad_norm", "gold/used", "disc/loss", "eval_loss"):
+            if a.get(k) is not None:
+                assert b[k] == pytest.approx(a[k], abs=1e-5), (a["step"], k)
+    assert whole[-1]["gold/used"] > 0 and whole[-1]["disc/loss"] is not None  # the discriminator was trained
+    for name in ("model.safetensors", "discriminator/model.safetensors"):
+        a, b = load_file(str(tmp_path / "ddp" / name)), load_file(str(tmp_path / "fsdp" / name))
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), name
+    gold = lambda out: [json.loads(line)["key"] for line in open(out / "gold.jsonl")]
+    assert len(set(gold(tmp_path / "fsdp"))) == len(gold(tmp_path / "fsdp")) == whole[-1]["gold/used"]
+    assert sorted(gold(tmp_path / "fsdp")) == sorted(gold(tmp_path / "ddp"))
