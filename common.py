@@ -108,7 +108,7 @@ def sequence_logps(model, batch, chunk_size=None):
     The fused head is used when the model's logits are lm_head(final hidden), as `_head_is_plain` decides
     on the first batch (once per model); otherwise the model's own (B, T, V) logits."""
     if model.__dict__.get("parallel") is not None:  # under torchrun: inside the DDP/FSDP2 wrapper's forward
-        return _through_wrapper(model, _sequence_logps, model, batch, chunk_size)
+        return through_wrapper(model, _sequence_logps, model, batch, chunk_size)
     return _sequence_logps(model, batch, chunk_size)
 
 
@@ -351,7 +351,7 @@ def load_model(name, dtype="auto", device=None, trust_remote_code=False):
     from transformers import AutoModelForCausalLM
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        dtype = "bfloat16" if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
     model = from_pretrained(AutoModelForCausalLM, name, "a causal LM", dtype=getattr(torch, dtype),
                             trust_remote_code=trust_remote_code)
     return disable_dropout(model).to(device)
@@ -574,7 +574,7 @@ def sample_responses(model, tokenizer, prompts, max_new_tokens, temperature=1.0,
         L = max(map(len, chunk))
         input_ids = torch.tensor([[tokenizer.pad_token_id] * (L - len(p)) + p for p in chunk], device=device)
         attention_mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in chunk], device=device)
-        out = _through_wrapper(model, _generate, model, dict(
+        out = through_wrapper(model, _generate, model, dict(
             input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=temperature, top_k=0,
             top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos))
         responses += [row[:row.index(eos) + 1] if eos in row else row for row in out[:, L:].tolist()]
@@ -738,8 +738,9 @@ def parallelize(model, args, trainable=True):
     return mode
 
 
-def _through_wrapper(model, fn, *args):
-    """fn(*args) inside the DDP/FSDP2 wrapper's forward when the model has one and is not inside it already."""
+def through_wrapper(model, fn, *args):
+    """fn(*args) inside the DDP/FSDP2 wrapper's forward when the model has one (`parallelize`) and is not inside it
+    already, else fn(*args): the way to run any forward of a wrapped model (a reward model's, a discriminator's)."""
     wrapper = model.__dict__.get("parallel")
     inner = getattr(wrapper, "module", wrapper)  # DDP keeps the wrapped module as .module
     if wrapper is None or inner.inside:

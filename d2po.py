@@ -80,11 +80,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (_through_wrapper, agree, check_rows, clip_grad_norm_, crash_point, disable_dropout, encode_prompt,
-                    encode_response, fingerprint, from_pretrained, full_state, gather_objects, gather_shares,
-                    grouped_logps, init_distributed, is_main, load_model, load_model_state, load_optimizer_state,
-                    load_rows, load_tokenizer, mean_over_ranks, my_share, on_rank_0, parallelize, prompt_head_length,
-                    report_dropped, sample_responses, sync_gradients, this_rank, truncate, world_size)
+from common import (agree, check_rows, clip_grad_norm_, crash_point, disable_dropout, encode_prompt, encode_response,
+                    fingerprint, from_pretrained, full_state, gather_objects, gather_shares, grouped_logps,
+                    init_distributed, is_main, load_model, load_model_state, load_optimizer_state, load_rows,
+                    load_tokenizer, mean_over_ranks, my_share, on_rank_0, parallelize, prompt_head_length,
+                    report_dropped, sample_responses, sync_gradients, this_rank, through_wrapper, truncate, world_size)
 
 
 @dataclass
@@ -263,7 +263,7 @@ def scalar_scores(model, rows, pad_token_id, device):
     for i, row in enumerate(rows):
         input_ids[i, :len(row)], attention_mask[i, :len(row)] = torch.tensor(row), 1
     forward = lambda: model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-    return _through_wrapper(model, forward)[:, 0].float()  # (B,); under torchrun inside the DDP/FSDP2 wrapper
+    return through_wrapper(model, forward)[:, 0].float()  # (B,); under torchrun inside the DDP/FSDP2 wrapper
 
 
 @torch.no_grad()
@@ -751,7 +751,7 @@ def resume_command(args, argv):
 def torch_dtype(name, device):
     """common.load_model's choice: bf16 on a CUDA device that has it, fp32 elsewhere, unless --dtype says otherwise."""
     if name == "auto":
-        name = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        name = "bfloat16" if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
     return getattr(torch, name)
 
 

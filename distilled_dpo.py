@@ -41,8 +41,12 @@ Run:
     python distilled_dpo.py --model M --dataset pairs.jsonl --objective ensemble --reward_models rm_a,rm_b,rm_c --output_dir out
     python distilled_dpo.py --model M --dataset scored_pairs.jsonl --objective distill --margin_column margin --output_dir out
     python distilled_dpo.py <the same flags> --output_dir out --resume
-Single process, one device; multi-GPU (torchrun / FSDP) is not implemented. A run owns its --output_dir and
-resumes exactly, as dpo.py's (see its docstring).
+    torchrun --nproc_per_node=8 distilled_dpo.py --model meta-llama/Llama-3.1-8B-Instruct --dataset trl-lib/ultrafeedback_binarized --output_dir out
+Under torchrun each process takes --batch_size x --grad_accum pairs of every step (a step is that many times the
+number of processes), for the reward models and for the policy; the margins, the reference log-probs and the
+reference samples are computed each process its share; --ddp keeps a whole copy of each model on each GPU,
+--fsdp shards it (PyTorch's FSDP2; the default from 1B parameters). Only rank 0 prints and writes. A run owns
+its --output_dir and resumes exactly, under the same number of processes, as dpo.py's (see its docstring).
 
 On the toy task the training pairs are the toy's, relabelled by an annotator that adds --length_bias reward per
 10 words of extra length (toy.relabelled_pairs, seeded by --seed); the held-out pairs keep the toy's unbiased labels.
@@ -79,10 +83,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (collate, crash_point, disable_dropout, encode_prompt, encode_response, fingerprint, from_pretrained,
-                    full_state, gather_objects, grouped_logps, is_main, load_model, load_optimizer_state, load_rows,
-                    load_tokenizer, prompt_head_length, report_dropped, sample_responses, sequence_logps, this_rank,
-                    truncate, where, world_size)
+from common import (agree, clip_grad_norm_, collate, crash_point, disable_dropout, encode_prompt, encode_response,
+                    fingerprint, from_pretrained, full_state, gather_objects, gather_shares, grouped_logps,
+                    init_distributed, is_main, load_model, load_optimizer_state, load_rows, load_tokenizer,
+                    mean_over_ranks, my_share, on_rank_0, parallelize, prompt_head_length, report_dropped,
+                    sample_responses, sequence_logps, sync_gradients, this_rank, through_wrapper, truncate, where,
+                    world_size)
 
 
 @dataclass
@@ -132,6 +138,8 @@ class Args:
     dtype: str = field(default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU",
                                                  "choices": ["auto", "float32", "bfloat16", "float16"]})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
+    ddp: bool = field(default=False, metadata={"help": "under torchrun: a full copy of the model a process (default below 1B parameters)"})
+    fsdp: bool = field(default=False, metadata={"help": "under torchrun: the model sharded over the processes with FSDP2 (default from 1B parameters)"})
 
 
 # The toy task: dpo.py's toy settings, reward models at a larger step size, and an annotator biased toward length.
@@ -190,8 +198,9 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
 def distill_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
                  teacher_margins, beta, ensemble_min="batch"):
     """Per-pair squared distillation loss (Delta_k - beta h)^2 toward teacher margins (B, K), min over the K
-    teachers of the batch's mean loss (ensemble_min "batch") or of each pair's ("example"); K = 1 is distill.
-    Returns the losses (B,), the teacher each pair used (B,) and the implicit rewards."""
+    teachers of the batch's mean loss (ensemble_min "batch"; under torchrun the batch of all processes) or of each
+    pair's ("example"); K = 1 is distill. Returns the losses (B,), the teacher each pair used (B,) and the
+    implicit rewards."""
     chosen_logratios = policy_chosen_logps - reference_chosen_logps  # (B,) u(x, y_1)
     rejected_logratios = policy_rejected_logps - reference_rejected_logps  # (B,) u(x, y_2)
     h = chosen_logratios - rejected_logratios  # (B,)
@@ -199,7 +208,7 @@ def distill_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_lo
     if ensemble_min == "example":
         losses, teacher = squared.min(-1)  # (B,), (B,)
     else:
-        teacher = squared.detach().mean(0).argmin().expand(len(h))  # (B,): one teacher for the batch
+        teacher = mean_over_ranks(squared.detach().mean(0)).argmin().expand(len(h))  # (B,): one teacher for the batch
         losses = squared.gather(-1, teacher[:, None]).squeeze(-1)  # (B,)
     return losses, teacher, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
@@ -267,8 +276,9 @@ def pair_scores(reward_model, pairs, pad_token_id, device):
     its score where its own class reads it (the last token that is not padding)."""
     batch = collate([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], pad_token_id)
     no_cache = {"use_cache": False} if getattr(reward_model.config, "use_cache", None) is not None else {}  # decoders only
-    scores = reward_model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                          **no_cache).logits[:, 0].float()  # (2B,)
+    inputs = dict(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), **no_cache)
+    forward = lambda: reward_model(**inputs).logits[:, 0].float()  # (2B,)
+    scores = through_wrapper(reward_model, forward)  # under torchrun: inside the DDP/FSDP2 wrapper's forward
     return scores[:len(pairs)], scores[len(pairs):]
 
 
@@ -358,7 +368,7 @@ def load_reward_model(name, args, device, num_labels=None):
     a causal LM), dropout off, padding id set so the model finds each row's last token."""
     from transformers import AutoModelForSequenceClassification
     tokenizer = load_tokenizer(name, args.trust_remote_code)
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else "float32")
     extra = {} if num_labels is None else {"num_labels": num_labels}
     model = from_pretrained(AutoModelForSequenceClassification, name, "a reward model", dtype=getattr(torch, dtype),
                             trust_remote_code=args.trust_remote_code, **extra)
@@ -367,36 +377,41 @@ def load_reward_model(name, args, device, num_labels=None):
 
 
 @torch.no_grad()
-def reference_logps(model, pairs, args, pad_token_id, device):
-    """(N, 2) summed log-probs of chosen and rejected under the initial policy (deviation 5), in eval mode."""
-    out, was_training = [], model.training
+def all_pair_logps(model, pairs, args, pad_token_id, device, desc=None):
+    """(N, 2) summed log-probs of chosen and rejected of every pair, in eval mode. Under torchrun each rank
+    computes its share and every rank gets the whole."""
+    share, out, was_training = my_share(len(pairs)), [torch.zeros(0, 2)], model.training
     model.eval()
-    for s in tqdm(range(0, len(pairs), 2 * args.batch_size), desc="reference log-probs"):
-        out.append(torch.stack(pair_logps(model, pairs[s:s + 2 * args.batch_size], pad_token_id, device), -1).cpu())
+    for s in tqdm(range(0, len(share), 2 * args.batch_size), desc=desc, disable=desc is None):
+        chunk = [pairs[i] for i in share[s:s + 2 * args.batch_size]]
+        out.append(torch.stack(pair_logps(model, chunk, pad_token_id, device), -1).cpu())
         crash_point("reference")
     model.train(was_training)
-    return torch.cat(out)
+    return gather_shares(torch.cat(out), len(pairs))
 
 
 def cached(path, record, compute):
     """compute() once, kept at `path` with the record of what it was computed from; a resumed run reuses it (and
-    never another run's)."""
+    never another run's). Under torchrun every rank computes (its share), rank 0 writes."""
     fixed = {k: v for k, v in record["args"].items() if k not in RESUME_MAY_CHANGE}, record["inputs"]
-    if os.path.exists(path):
+    if on_rank_0(os.path.exists, path):  # the same answer on every rank
         cache = torch.load(path, weights_only=False)
         if cache["record"] != fixed:
             sys.exit(f"error: {path} was computed for other flags or inputs; remove it to compute it again")
         return cache
     cache = compute()
-    torch.save({**cache, "record": fixed}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    if is_main():
+        torch.save({**cache, "record": fixed}, path + ".tmp")
+        os.replace(path + ".tmp", path)
     return cache
 
 
 def reference_cache(args, policy, splits, record, pad_token_id, device):
-    """Reference log-probs of every pair, computed once and kept in the run directory."""
+    """Reference log-probs of every pair under the initial policy (deviation 5), computed once and kept in the run
+    directory."""
     return cached(os.path.join(args.output_dir, "reference_logps.pt"), record,
-                  lambda: {name: reference_logps(policy, pairs, args, pad_token_id, device) for name, pairs in splits.items()})
+                  lambda: {name: all_pair_logps(policy, pairs, args, pad_token_id, device, "reference log-probs")
+                           for name, pairs in splits.items()})
 
 
 # ---------------------------------------------------------------- stage 1: the teachers
@@ -408,14 +423,17 @@ def bootstrap(n, seed, k):
 
 def train_reward_model(k, args, rows, device, directory):
     """Teacher k: a Bradley-Terry reward model from --reward_model_init (or --model) on a bootstrap resample, with
-    a seed of its own; saved with save_pretrained in `directory` (written whole, then renamed)."""
+    a seed of its own; saved with save_pretrained in `directory` (written whole, then renamed). Under torchrun
+    each rank takes its share of every step's pairs, as the policy's do."""
     init = args.reward_model_init or args.model
     bag, _ = bootstrap(len(rows), args.seed, k)
     with torch.random.fork_rng(devices=[]):  # the new head's weights: from the teacher's seed, not the global stream
         torch.manual_seed(args.seed * 1000 + k)
         model, tokenizer = load_reward_model(init, args, device, num_labels=1)
+    parallelize(model, args)  # under torchrun: DDP or FSDP2; else nothing
     pairs = encode_rows(rows, tokenizer, args)
-    pairs_per_step = args.batch_size * args.grad_accum
+    rank, world = this_rank(), world_size()
+    pairs_per_step = args.batch_size * args.grad_accum * world  # each rank batch_size x grad_accum of them
     steps_per_epoch = max(1, len(bag) // pairs_per_step)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.rm_learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
@@ -425,26 +443,36 @@ def train_reward_model(k, args, rows, device, directory):
         epoch, position = divmod(step, steps_per_epoch)
         order = torch.randperm(len(bag), generator=torch.Generator().manual_seed(args.seed * 1000 + k + 1 + epoch))
         indices = [bag[i] for i in order[position * pairs_per_step:(position + 1) * pairs_per_step].tolist()]
-        loss = accuracy = 0.0
+        loss = accuracy = torch.zeros((), device=device)
         for micro in range(args.grad_accum):
-            chunk = [pairs[i] for i in indices[micro * args.batch_size:(micro + 1) * args.batch_size]]
-            if chunk:
-                losses, correct = bradley_terry_loss(*pair_scores(model, chunk, tokenizer.pad_token_id, device))
-                (losses.sum() / len(indices)).backward()
-                loss, accuracy = loss + losses.sum().detach() / len(indices), accuracy + correct.sum() / len(indices)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        if not math.isfinite(loss.item()):
+            whole = indices[micro * args.batch_size * world:(micro + 1) * args.batch_size * world]  # every rank's
+            if not whole:  # a bag smaller than a step: the same on every rank
+                break
+            sync_gradients(model, (micro + 1) * args.batch_size * world >= len(indices))  # its last micro-batch
+            idx = whole[rank::world]  # every rank a forward pass (FSDP2 needs it); an empty share weighs 0
+            chunk = [pairs[i] for i in idx or whole[:1]]
+            losses, correct = bradley_terry_loss(*pair_scores(model, chunk, tokenizer.pad_token_id, device))
+            weight = world / len(indices) if idx else 0.0  # the ranks' gradients are averaged: the step's mean
+            (losses.sum() * weight).backward()
+            loss, accuracy = loss + losses.sum().detach() * weight, accuracy + correct.sum() * weight
+        clip_grad_norm_(model, args.max_grad_norm)
+        loss, accuracy = mean_over_ranks(torch.stack([loss, accuracy])).tolist()
+        if not math.isfinite(loss):
             sys.exit(f"error: non-finite loss training reward model {k} at step {step + 1}; try a lower --rm_learning_rate")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{accuracy.item():.2f}")
+        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{accuracy:.2f}")
         crash_point("reward_model")
-    tmp = directory + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.rename(tmp, directory)
+    model_state, _ = full_state(model)  # under torchrun: gathered on rank 0
+
+    def write():
+        tmp = directory + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=model_state)
+        tokenizer.save_pretrained(tmp)
+        os.rename(tmp, directory)
+    on_rank_0(write)  # the other ranks wait for it: they read it next
 
 
 def teachers(args):
@@ -462,17 +490,20 @@ def teachers(args):
 @torch.no_grad()
 def model_margins(name, splits, args, device):
     """r(x, y_1) - r(x, y_2) of every row of each split under a reward model, (N,) float64 each, the pairs
-    tokenised by its tokenizer."""
+    tokenised by its tokenizer. Under torchrun each rank computes its share and every rank gets the whole."""
     model, tokenizer = load_reward_model(name, args, device)
-    model.eval()
+    model.eval().requires_grad_(False)
+    parallelize(model, args, trainable=False)  # under torchrun: sharded under FSDP2, whole under DDP
     margins = []
     for rows in splits:
-        pairs, out = encode_rows(rows, tokenizer, args), []
-        for s in tqdm(range(0, len(pairs), 2 * args.batch_size), desc=f"margins of {name}"):
-            chosen, rejected = pair_scores(model, pairs[s:s + 2 * args.batch_size], tokenizer.pad_token_id, device)
+        pairs, out = encode_rows(rows, tokenizer, args), [torch.zeros(0, dtype=torch.float64)]
+        share = my_share(len(pairs))
+        for s in tqdm(range(0, len(share), 2 * args.batch_size), desc=f"margins of {name}"):
+            chunk = [pairs[i] for i in share[s:s + 2 * args.batch_size]]
+            chosen, rejected = pair_scores(model, chunk, tokenizer.pad_token_id, device)
             out.append((chosen - rejected).double().cpu())
             crash_point("margins")
-        margins.append(torch.cat(out) if out else torch.zeros(0, dtype=torch.float64))
+        margins.append(gather_shares(torch.cat(out), len(pairs)))
     return margins
 
 
@@ -518,37 +549,42 @@ def compute_margins(args, teacher_list, train_rows, held_out_rows, device):
 @torch.no_grad()
 def reference_samples(model, tokenizer, train, args, device):
     """--kl_samples pure samples from the reference for every distinct training prompt, cut to fit --max_length, and
-    their summed log-probs under it; drawn once (in eval mode) from the seed."""
+    their summed log-probs under it; drawn once (in eval mode) from the seed. Under torchrun each rank draws and
+    scores its share (from a seed of its own) and every rank gets the whole."""
     prompts = [list(p) for p in dict.fromkeys(tuple(p) for p, _, _ in train)]
     flat = [p for p in prompts for _ in range(args.kl_samples)]
+    mine = [flat[i] for i in my_share(len(flat))]  # every rank as many (FSDP2: the same forward passes)
     responses, was_training = [], model.training
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        for s in tqdm(range(0, len(flat), 64), desc="reference samples"):
-            responses += sample_responses(model, tokenizer, flat[s:s + 64], args.max_new_tokens, 1.0, 64)
+        torch.manual_seed(args.seed + 1000003 * this_rank())
+        for s in tqdm(range(0, len(mine), 64), desc="reference samples"):
+            responses += sample_responses(model, tokenizer, mine[s:s + 64], args.max_new_tokens, 1.0, 64)
             crash_point("sample")
-    responses = [(r[:max(1, args.max_length - len(p))] or [tokenizer.eos_token_id]) for p, r in zip(flat, responses)]
+    responses = [(r[:max(1, args.max_length - len(p))] or [tokenizer.eos_token_id]) for p, r in zip(mine, responses)]
     model.eval()
-    logps = torch.cat([sequence_logps(model, {k: v.to(device) for k, v in collate(list(zip(flat[s:s + 64], responses[s:s + 64])),
-                                                                                  tokenizer.pad_token_id).items()})[0].cpu()
-                       for s in range(0, len(flat), 64)])
+    logps = [torch.zeros(0)]
+    for s in range(0, len(mine), 64):
+        batch = collate(list(zip(mine[s:s + 64], responses[s:s + 64])), tokenizer.pad_token_id)
+        logps.append(sequence_logps(model, {k: v.to(device) for k, v in batch.items()})[0].cpu())
     model.train(was_training)
-    return {"prompts": flat, "responses": responses, "logps": logps}
+    responses = [r for part in gather_objects(responses) for r in part][:len(flat)]  # the ranks' shares, in order
+    return {"prompts": flat, "responses": responses, "logps": gather_shares(torch.cat(logps), len(flat))}
 
 
 @torch.no_grad()
-def evaluate(policy, pairs, ref, margins, args, pad_token_id, device):
-    """Mean metrics of the objective's pair loss on held-out pairs, TRL's names with the eval_ prefix; eval mode."""
-    totals, was_training = {}, policy.training
-    policy.eval()
+def evaluate(policy, pairs, reference_logps, margins, args, pad_token_id, device):
+    """Mean metrics of the objective's pair loss on held-out pairs, TRL's names with the eval_ prefix; eval mode.
+    The log-probs are computed once (under torchrun, each rank its share); the loss a chunk of 2 x --batch_size
+    pairs at a time (the ensemble's teacher is chosen per chunk)."""
+    policy_logps = all_pair_logps(policy, pairs, args, pad_token_id, device).to(device)  # (N, 2)
+    reference_logps = reference_logps.to(device)  # (N, 2)
+    totals = {}
     for s in range(0, len(pairs), 2 * args.batch_size):
-        chunk = pairs[s:s + 2 * args.batch_size]
-        policy_logps = pair_logps(policy, chunk, pad_token_id, device)
-        ref_logps = ref(chunk, range(s, s + len(chunk)), "eval")
-        _, metrics = objective_loss(args, policy_logps, ref_logps, margins("eval", range(s, s + len(chunk))))
+        span = range(s, min(s + 2 * args.batch_size, len(pairs)))
+        _, metrics = objective_loss(args, policy_logps[s:span.stop].unbind(-1), reference_logps[s:span.stop].unbind(-1),
+                                    margins("eval", span))
         for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + v.item() * len(chunk)
-    policy.train(was_training)
+            totals[k] = totals.get(k, 0.0) + v.item() * len(span)
     return {f"eval_{k}": v / len(pairs) for k, v in totals.items()}
 
 
@@ -779,7 +815,8 @@ def parse_distill_args(argv=None):
 
 def main(argv=None):
     args = parse_distill_args(argv)  # every flag checked; nothing read or written yet
-    checkpoint = check_output_dir(args)  # reads only
+    rank, world, device = init_distributed(args)  # (0, 1, "cuda" or "cpu") unless under torchrun
+    checkpoint = on_rank_0(check_output_dir, args)  # reads only
     with interrupts(lambda: resume_command(args, argv)) as signals:
         toy = None
         if args.model is None:  # the built-in toy task, its training pairs relabelled by a length-biased annotator
@@ -787,14 +824,13 @@ def main(argv=None):
             toy_dir = toy.ensure_built()
             args.model, args.dataset = os.path.join(toy_dir, "sft"), toy.relabelled_pairs(toy_dir, args.length_bias, args.seed)
             args.eval_dataset = args.eval_dataset or os.path.join(toy_dir, "test_pairs.jsonl")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         tokenizer = load_tokenizer(args.model, args.trust_remote_code)
         train, held_out, train_rows, held_out_rows = load_data(args, tokenizer)
-        pairs_per_step = args.batch_size * args.grad_accum
+        pairs_per_step = args.batch_size * args.grad_accum * world  # each rank batch_size x grad_accum of them
         steps_per_epoch = len(train) // pairs_per_step
         if steps_per_epoch == 0:
-            sys.exit(f"error: --batch_size {args.batch_size} x --grad_accum {args.grad_accum} = {pairs_per_step} pairs "
-                     f"per step, but {args.dataset} gives only {len(train)} training pairs")
+            sys.exit(f"error: --batch_size {args.batch_size} x --grad_accum {args.grad_accum} x {world} processes = "
+                     f"{pairs_per_step} pairs per step, but {args.dataset} gives only {len(train)} training pairs")
         max_steps = args.max_steps or args.epochs * steps_per_epoch
         if toy is None and args.warmup_steps > max_steps:
             print(f"warning: --warmup_steps {args.warmup_steps} is longer than the run ({max_steps} steps): the "
@@ -811,6 +847,7 @@ def main(argv=None):
         if args.gradient_checkpointing:
             enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
             enable({"use_reentrant": False})  # the name since transformers 5.x; the old one before
+        parallel = parallelize(policy, args)  # under torchrun: DDP or FSDP2; else nothing
         reference = load_model(args.ref_model, args.dtype, device, args.trust_remote_code) if args.ref_model else None
         for kind, name in teachers(args):  # every teacher usable, checked before anything is written
             if kind == "given":
@@ -821,17 +858,19 @@ def main(argv=None):
             from transformers import AutoConfig
             from_pretrained(AutoConfig, args.reward_model_init, "a model to train reward models from", trust_remote_code=args.trust_remote_code)
             load_tokenizer(args.reward_model_init, args.trust_remote_code)
-        if not args.resume:
-            claim_output_dir(args, record)  # only now: a run that fails on its inputs leaves nothing behind
+        if not args.resume:  # only now: a run that fails on its inputs leaves nothing behind
+            args.output_dir = on_rank_0(claim_output_dir, args, record)
+        if parallel:
+            print(f"{world} processes, {parallel.upper()}: {args.batch_size * args.grad_accum} pairs a process a step")
 
         # stage 1: the teachers (trained ones once each, kept in reward_model_<k>/); stage 2: their margins
         teacher_list = teachers(args)
         for k, (kind, name) in enumerate(teacher_list):
-            if kind == "trained" and not os.path.exists(name):
+            if kind == "trained" and not on_rank_0(os.path.exists, name):  # the same answer on every rank
                 train_reward_model(k, args, train_rows, device, name)
         margins_cache = cached(os.path.join(args.output_dir, "margins.pt"), record,
                                lambda: compute_margins(args, teacher_list, train_rows, held_out_rows, device)) if teacher_list else None
-        if teacher_list and not os.path.exists(os.path.join(args.output_dir, "teachers.json")):
+        if teacher_list and is_main() and not os.path.exists(os.path.join(args.output_dir, "teachers.json")):
             with open(os.path.join(args.output_dir, "teachers.json.tmp"), "w") as f:
                 json.dump(margins_cache["teachers"], f, indent=1)
             os.replace(os.path.join(args.output_dir, "teachers.json.tmp"), os.path.join(args.output_dir, "teachers.json"))
@@ -842,10 +881,13 @@ def main(argv=None):
             sys.exit(f"error: {args.output_dir} has checkpoints but no reference_logps.pt; it cannot be resumed")
         if reference is not None:
             reference.eval().requires_grad_(False)
+            parallelize(reference, args, trainable=False)
             ref = lambda chunk, idx, split: pair_logps(reference, chunk, tokenizer.pad_token_id, device)
+            held_out_ref = all_pair_logps(reference, held_out, args, tokenizer.pad_token_id, device)
         else:
             cache = reference_cache(args, policy, {"train": train, "eval": held_out}, record, tokenizer.pad_token_id, device)
-            ref = lambda chunk, idx, split: cache[split][list(idx)].to(device).unbind(-1)
+            ref = lambda chunk, idx, split: cache[split][idx].to(device).unbind(-1)
+            held_out_ref = cache["eval"]
         if args.gamma > 0:  # samples of the reference for the forward KL, drawn once
             samples = cached(os.path.join(args.output_dir, "reference_samples.pt"), record,
                              lambda: reference_samples(reference or policy, tokenizer, train, args, device))
@@ -873,7 +915,7 @@ def main(argv=None):
         # ---------------------------------------------------------------- the training loop
         log = open_metrics(args.output_dir, start_step)  # forgets what a killed run logged after its checkpoint
         if start_step == 0:
-            log({"step": 0, **evaluate(policy, held_out, ref, margins, args, tokenizer.pad_token_id, device)})
+            log({"step": 0, **evaluate(policy, held_out, held_out_ref, margins, args, tokenizer.pad_token_id, device)})
         policy.train()
         signals["stop_after_step"] = True  # from here Ctrl-C / SIGTERM finish the step and save first
         save_seconds = 3 * sum(p.numel() * p.element_size() for p in policy.parameters()) / 2e8  # a guess at 200 MB/s
@@ -881,10 +923,11 @@ def main(argv=None):
         for step in bar:
             epoch, position = divmod(step, steps_per_epoch)  # the data position follows from the step: resumable
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed + 1 + epoch))
-            indices = order[position * pairs_per_step:(position + 1) * pairs_per_step].tolist()
+            indices = order[position * pairs_per_step:(position + 1) * pairs_per_step].tolist()[rank::world]
             sums = {}
             for micro in range(args.grad_accum):
                 idx = indices[micro * args.batch_size:(micro + 1) * args.batch_size]
+                sync_gradients(policy, micro == args.grad_accum - 1)  # under torchrun: once a step
                 chunk = [train[i] for i in idx]
                 policy_logps = pair_logps(policy, chunk, tokenizer.pad_token_id, device)
                 losses, metrics = objective_loss(args, policy_logps, ref(chunk, idx, "train"), margins("train", idx))
@@ -898,8 +941,8 @@ def main(argv=None):
                     metrics.update({"loss": loss.detach(), "kl/forward": kl.detach()})
                 (loss / args.grad_accum).backward()
                 sums = {k: sums.get(k, 0) + v / args.grad_accum for k, v in metrics.items()}
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-            values = torch.stack([*sums.values(), grad_norm.float()]).tolist()  # the step's one host sync
+            grad_norm = clip_grad_norm_(policy, args.max_grad_norm)
+            values = mean_over_ranks(torch.stack([*sums.values(), grad_norm.float()])).tolist()  # one host sync
             row = dict(zip([*sums, "grad_norm"], values))
             if not all(map(math.isfinite, values)):
                 stop(f"non-finite loss or gradient at step {step + 1} ({row})", args.output_dir)
@@ -910,20 +953,21 @@ def main(argv=None):
             row.update(step=step + 1, epoch=round((step + 1) / steps_per_epoch, 3), learning_rate=scheduler.get_last_lr()[0])
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
             if (step + 1) % args.eval_every == 0 or step + 1 == max_steps:
-                row.update(evaluate(policy, held_out, ref, margins, args, tokenizer.pad_token_id, device))
+                row.update(evaluate(policy, held_out, held_out_ref, margins, args, tokenizer.pad_token_id, device))
                 tqdm.write(f"step {step + 1}: eval loss {row['eval_loss']:.4f}, "
                            f"accuracy {row['eval_rewards/accuracies']:.3f}, margin {row['eval_rewards/margins']:.3f}")
             log(row)
-            if (step + 1) % args.save_every == 0 or step + 1 == max_steps or signals["requested"] and save_seconds < 10:
+            requested, slow_save = agree(signals["requested"] or 0, save_seconds >= 10)  # the same on every rank
+            if (step + 1) % args.save_every == 0 or step + 1 == max_steps or requested and not slow_save:
                 started = time.time()
                 save_checkpoint(args.output_dir, policy, tokenizer, optimizer, scheduler, step + 1)
                 save_seconds = time.time() - started
-            if signals["requested"]:
+            if requested:
                 bar.close()
                 print(f"stopped after step {step + 1}; newest checkpoint: "
                       f"{(list_checkpoints(args.output_dir) or ['none (a resume starts at step 0)'])[-1]}. "
                       f"{resume_command(args, argv) or ''}", file=sys.stderr)
-                raise SystemExit(128 + signals["requested"])
+                raise SystemExit(128 + int(requested))
         signals["stop_after_step"] = False
 
         if toy:

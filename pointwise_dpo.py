@@ -25,8 +25,12 @@ Run:
     python pointwise_dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset negatives.jsonl --sft_dataset demos.jsonl \
         --ulma --output_dir out
     python pointwise_dpo.py <the same flags> --output_dir out --resume
-Single process, one device; multi-GPU (torchrun / FSDP) is not implemented. A run owns its --output_dir and
-resumes exactly, as dpo.py's (see its docstring).
+    torchrun --nproc_per_node=8 pointwise_dpo.py --model meta-llama/Llama-3.1-8B-Instruct --dataset trl-lib/kto-mix-14k --output_dir out
+Under torchrun each process takes --batch_size x --grad_accum rows of every step (a step is that many times the
+number of processes; the two subsets' means are over the whole micro-batch, all processes' rows); --ddp keeps a
+whole copy of the model on each GPU, --fsdp shards it (PyTorch's FSDP2; the default from 1B parameters). Only
+rank 0 prints and writes. A run owns its --output_dir and resumes exactly, under the same number of processes,
+as dpo.py's (see its docstring).
 
 Deviations from the paper and the authors' code (Unified-Language-Model-Alignment/src, ulma/trainer.py):
 1. As dpo.py: the reference log-probs are computed once, before training, with the initial policy; --ref_model
@@ -65,10 +69,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (check_rows, collate, crash_point, encode_prompt, encode_response, fingerprint, full_state,
-                    gather_objects, is_main, load_model, load_optimizer_state, load_rows, load_tokenizer,
-                    prompt_head_length, read_json_rows, report_dropped, sequence_logps, this_rank, truncate, where,
-                    world_size)
+from common import (agree, check_rows, clip_grad_norm_, collate, crash_point, encode_prompt, encode_response,
+                    fingerprint, full_state, gather_objects, gather_shares, init_distributed, is_main, load_model,
+                    load_optimizer_state, load_rows, load_tokenizer, mean_over_ranks, my_share, on_rank_0, parallelize,
+                    prompt_head_length, read_json_rows, report_dropped, sequence_logps, sync_gradients, this_rank,
+                    truncate, where, world_size)
 
 
 @dataclass
@@ -110,6 +115,8 @@ class Args:
     dtype: str = field(default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU",
                                                  "choices": ["auto", "float32", "bfloat16", "float16"]})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
+    ddp: bool = field(default=False, metadata={"help": "under torchrun: a full copy of the model a process (default below 1B parameters)"})
+    fsdp: bool = field(default=False, metadata={"help": "under torchrun: the model sharded over the processes with FSDP2 (default from 1B parameters)"})
 
 
 # The toy task needs a larger step size and smaller batches than a pretrained LLM; used when --model is not given.
@@ -151,9 +158,11 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------- ALGO LOGIC: the loss
-def pointwise_loss(policy_logps, reference_logps, z, positive, beta, c=0.0, loss_type="binary", ulma=False):
+def pointwise_loss(policy_logps, reference_logps, z, positive, beta, c=0.0, loss_type="binary", ulma=False, counts=None):
     """Point-wise DPO (binary or continuous) or ULMA on one batch (arXiv 2312.02554): the batch loss (the mean over
-    the positives plus the mean over the other rows, deviation 2), the per-row losses, and the rewards beta * u."""
+    the positives plus the mean over the other rows, deviation 2), the per-row losses, and the rewards beta * u.
+    Under torchrun a micro-batch is split over the processes: `counts` (2,) are then the numbers of positives and
+    other rows in the whole of it, the means are over the whole, and the processes' losses average to its loss."""
     u = policy_logps - reference_logps  # (B,) log pi(y|x) - log pi_ref(y|x)
     logits = beta * u + c  # (B,) the implicit reward beta u + beta log Z(x), with c standing for beta log Z(x)
     if ulma:
@@ -165,9 +174,10 @@ def pointwise_loss(policy_logps, reference_logps, z, positive, beta, c=0.0, loss
     else:
         other_losses = -F.logsigmoid(-logits)  # (B,) point-wise DPO, binary, z = 0: -log(1 - sigmoid(beta u + c))
     losses = torch.where(positive, positive_losses, other_losses)  # (B,)
-    n_positive, n_other = positive.sum(), (~positive).sum()  # an empty subset adds 0
-    loss = (losses.masked_fill(~positive, 0).sum() / n_positive.clamp(min=1)  # (deviation 2) masked, not times 0:
-            + losses.masked_fill(positive, 0).sum() / n_other.clamp(min=1))  # an inf in one subset stays out of the other
+    n_positive, n_other = (positive.sum(), (~positive).sum()) if counts is None else counts  # an empty subset adds 0
+    share = 1 if counts is None else world_size()  # this process's part of the whole micro-batch: 1 / share
+    loss = share * (losses.masked_fill(~positive, 0).sum() / n_positive.clamp(min=1)  # (deviation 2) masked, not
+                    + losses.masked_fill(positive, 0).sum() / n_other.clamp(min=1))  # times 0: an inf stays in its subset
     return loss, losses, beta * u.detach()
 
 
@@ -294,20 +304,23 @@ def load_data(args, tokenizer):
 
 
 @torch.no_grad()
-def reference_logps(model, examples, args, pad_token_id, device):
-    """(N,) log-probs of every row's response under the initial policy (deviation 1), in eval mode."""
-    out, was_training = [], model.training
+def all_example_logps(model, examples, args, pad_token_id, device, desc=None):
+    """(N,) log-probs of every row's response, in eval mode. Under torchrun each rank computes its share and
+    every rank gets the whole."""
+    share, out, was_training = my_share(len(examples)), [torch.zeros(0)], model.training
     model.eval()
-    for s in tqdm(range(0, len(examples), 2 * args.batch_size), desc="reference log-probs"):
-        out.append(example_logps(model, examples[s:s + 2 * args.batch_size], pad_token_id, device, args.logps == "mean").cpu())
+    for s in tqdm(range(0, len(share), 2 * args.batch_size), desc=desc, disable=desc is None):
+        chunk = [examples[i] for i in share[s:s + 2 * args.batch_size]]
+        out.append(example_logps(model, chunk, pad_token_id, device, args.logps == "mean").cpu())
         crash_point("reference")
     model.train(was_training)
-    return torch.cat(out)
+    return gather_shares(torch.cat(out), len(examples))
 
 
 def reference_cache(args, policy, splits, record, pad_token_id, device):
-    """Reference log-probs of every row, computed once and kept in the run directory with the record of what
-    they were computed from, so a resumed run reuses them (and never reuses another run's)."""
+    """Reference log-probs of every row under the initial policy (deviation 1), computed once and kept in the run
+    directory with the record of what they were computed from, so a resumed run reuses them (and never reuses
+    another run's)."""
     path = os.path.join(args.output_dir, "reference_logps.pt")
     fixed = {k: v for k, v in record["args"].items() if k not in RESUME_MAY_CHANGE}, record["inputs"]
     if os.path.exists(path):
@@ -315,9 +328,11 @@ def reference_cache(args, policy, splits, record, pad_token_id, device):
         if cache["record"] != fixed:
             sys.exit(f"error: {path} was computed for other flags or inputs; remove it to compute it again")
         return cache
-    cache = {name: reference_logps(policy, examples, args, pad_token_id, device) for name, examples in splits.items()}
-    torch.save({**cache, "record": fixed}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    cache = {name: all_example_logps(policy, examples, args, pad_token_id, device, "reference log-probs")
+             for name, examples in splits.items()}
+    if is_main():
+        torch.save({**cache, "record": fixed}, path + ".tmp")
+        os.replace(path + ".tmp", path)
     return cache
 
 
@@ -327,20 +342,13 @@ def step_metrics(totals):
     return {"loss": sum(s / n for k, (s, n) in totals.items() if n and k.startswith("_")), **row}
 
 
-@torch.no_grad()
-def evaluate(policy, examples, ref, args, pad_token_id, device):
+def evaluate(policy, examples, reference_logps, args, pad_token_id, device):
     """Point-wise metrics on the held-out rows, with the eval_ prefix; the policy in eval mode."""
-    totals, was_training = {}, policy.training
-    policy.eval()
-    for s in range(0, len(examples), 2 * args.batch_size):
-        chunk = examples[s:s + 2 * args.batch_size]
-        policy_logps = example_logps(policy, chunk, pad_token_id, device, args.logps == "mean")  # (b,)
-        reference = ref(chunk, range(s, s + len(chunk)), "eval")  # (b,)
-        z, positive = targets(chunk, device)
-        _, losses, rewards = pointwise_loss(policy_logps, reference, z, positive, args.beta, args.c, args.loss_type, args.ulma)
-        for k, (total, n) in pointwise_metrics(losses, rewards, policy_logps, z, positive, args.c).items():
-            totals[k] = (totals.get(k, (0.0, 0.0))[0] + total.item(), totals.get(k, (0.0, 0.0))[1] + n.item())
-    policy.train(was_training)
+    policy_logps = all_example_logps(policy, examples, args, pad_token_id, device)  # (N,)
+    z, positive = targets(examples, "cpu")
+    _, losses, rewards = pointwise_loss(policy_logps, reference_logps, z, positive, args.beta, args.c, args.loss_type, args.ulma)
+    metrics = pointwise_metrics(losses, rewards, policy_logps, z, positive, args.c)
+    totals = {k: (total.item(), n.item()) for k, (total, n) in metrics.items()}
     return {f"eval_{k}": v for k, v in step_metrics(totals).items()}
 
 
@@ -548,21 +556,21 @@ def resume_command(args, argv):
 # ---------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)  # every flag checked; nothing read or written yet
-    checkpoint = check_output_dir(args)  # reads only
+    rank, world, device = init_distributed(args)  # (0, 1, "cuda" or "cpu") unless under torchrun
+    checkpoint = on_rank_0(check_output_dir, args)  # reads only
     with interrupts(lambda: resume_command(args, argv)) as signals:
         toy = None
         if args.model is None:  # the built-in toy task: its labelled completions, 'label' and 'score' columns
             import toy
             toy_dir = toy.ensure_built()
             args.model, args.dataset = os.path.join(toy_dir, "sft"), os.path.join(toy_dir, "unpaired.jsonl")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         tokenizer = load_tokenizer(args.model, args.trust_remote_code)
         train, held_out = load_data(args, tokenizer)
-        rows_per_step = args.batch_size * args.grad_accum
+        rows_per_step = args.batch_size * args.grad_accum * world  # each rank batch_size x grad_accum of them
         steps_per_epoch = len(train) // rows_per_step
         if steps_per_epoch == 0:
-            sys.exit(f"error: --batch_size {args.batch_size} x --grad_accum {args.grad_accum} = {rows_per_step} rows "
-                     f"per step, but {args.dataset} gives only {len(train)} training rows")
+            sys.exit(f"error: --batch_size {args.batch_size} x --grad_accum {args.grad_accum} x {world} processes = "
+                     f"{rows_per_step} rows per step, but {args.dataset} gives only {len(train)} training rows")
         max_steps = args.max_steps or args.epochs * steps_per_epoch
         if toy is None and args.warmup_steps > max_steps:
             print(f"warning: --warmup_steps {args.warmup_steps} is longer than the run ({max_steps} steps): the "
@@ -577,20 +585,26 @@ def main(argv=None):
         if args.gradient_checkpointing:
             enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
             enable({"use_reentrant": False})  # the name since transformers 5.x; the old one before
+        parallel = parallelize(policy, args)  # under torchrun: DDP or FSDP2; else nothing
         reference = load_model(args.ref_model, args.dtype, device, args.trust_remote_code) if args.ref_model else None
-        if not args.resume:
-            claim_output_dir(args, record)  # only now: a run that fails on its inputs leaves nothing behind
+        if not args.resume:  # only now: a run that fails on its inputs leaves nothing behind
+            args.output_dir = on_rank_0(claim_output_dir, args, record)
+        if parallel:
+            print(f"{world} processes, {parallel.upper()}: {args.batch_size * args.grad_accum} rows a process a step")
 
         # the reference: a frozen model, or log-probs precomputed with the initial policy and kept with the run
         average = args.logps == "mean"
         if reference is not None:
             reference.eval().requires_grad_(False)
+            parallelize(reference, args, trainable=False)
             ref = lambda chunk, idx, split: example_logps(reference, chunk, tokenizer.pad_token_id, device, average)
+            held_out_ref = all_example_logps(reference, held_out, args, tokenizer.pad_token_id, device)
         else:
             if checkpoint and not os.path.exists(os.path.join(args.output_dir, "reference_logps.pt")):
                 sys.exit(f"error: {args.output_dir} has checkpoints but no reference_logps.pt; it cannot be resumed")
             cache = reference_cache(args, policy, {"train": train, "eval": held_out}, record, tokenizer.pad_token_id, device)
-            ref = lambda chunk, idx, split: cache[split][list(idx)].to(device)
+            ref = lambda chunk, idx, split: cache[split][idx].to(device)
+            held_out_ref = cache["eval"]
 
         # optimizer, linear warm-up then constant
         if args.optimizer == "adamw":
@@ -612,7 +626,7 @@ def main(argv=None):
         # ---------------------------------------------------------------- the training loop
         log = open_metrics(args.output_dir, start_step)  # forgets what a killed run logged after its checkpoint
         if start_step == 0:
-            log({"step": 0, **evaluate(policy, held_out, ref, args, tokenizer.pad_token_id, device)})
+            log({"step": 0, **evaluate(policy, held_out, held_out_ref, args, tokenizer.pad_token_id, device)})
         policy.train()
         signals["stop_after_step"] = True  # from here Ctrl-C / SIGTERM finish the step and save first
         save_seconds = 3 * sum(p.numel() * p.element_size() for p in policy.parameters()) / 2e8  # a guess at 200 MB/s
@@ -620,23 +634,29 @@ def main(argv=None):
         for step in bar:
             epoch, position = divmod(step, steps_per_epoch)  # the data position follows from the step: resumable
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed + 1 + epoch))
-            indices = order[position * rows_per_step:(position + 1) * rows_per_step].tolist()
+            everyone = order[position * rows_per_step:(position + 1) * rows_per_step].tolist()
+            indices = everyone[rank::world]
             sums, loss = {}, 0.0
             for micro in range(args.grad_accum):
                 idx = indices[micro * args.batch_size:(micro + 1) * args.batch_size]
+                sync_gradients(policy, micro == args.grad_accum - 1)  # under torchrun: once a step
                 chunk = [train[i] for i in idx]
+                whole = everyone[micro * args.batch_size * world:(micro + 1) * args.batch_size * world]  # all ranks' idx
+                n_positive = sum(train[i][3] for i in whole)
+                counts = torch.tensor([n_positive, len(whole) - n_positive], device=device)  # of the whole micro-batch
                 policy_logps = example_logps(policy, chunk, tokenizer.pad_token_id, device, average)  # (B,)
                 reference_logps_ = ref(chunk, idx, "train")  # (B,)
                 z, positive = targets(chunk, device)  # (B,), (B,)
                 micro_loss, losses, rewards = pointwise_loss(policy_logps, reference_logps_, z, positive, args.beta,
-                                                             args.c, args.loss_type, args.ulma)
+                                                             args.c, args.loss_type, args.ulma, counts)
                 (micro_loss / args.grad_accum).backward()
                 loss = loss + micro_loss.detach() / args.grad_accum
                 for k, (total, n) in pointwise_metrics(losses, rewards, policy_logps, z, positive, args.c).items():
                     sums[k] = (sums.get(k, (0, 0))[0] + total, sums.get(k, (0, 0))[1] + n)
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-            values = torch.stack([loss.double(), grad_norm.double(), *[t for pair in sums.values() for t in pair]]).tolist()
-            totals = {k: (values[2 + 2 * j], values[3 + 2 * j]) for j, k in enumerate(sums)}  # the step's one host sync
+            grad_norm = clip_grad_norm_(policy, args.max_grad_norm)
+            values = torch.stack([loss.double(), grad_norm.double(), *[t for pair in sums.values() for t in pair]])
+            values = mean_over_ranks(values).tolist()  # the step's one host sync; a mean of (sum, count): same ratios
+            totals = {k: (values[2 + 2 * j], values[3 + 2 * j]) for j, k in enumerate(sums)}
             row = {**step_metrics(totals), "loss": values[0], "grad_norm": values[1]}  # loss: the micro-batches' mean
             if not all(map(math.isfinite, values[:2])):
                 stop(f"non-finite loss or gradient at step {step + 1} ({row})", args.output_dir)
@@ -647,21 +667,22 @@ def main(argv=None):
             row.update(step=step + 1, epoch=round((step + 1) / steps_per_epoch, 3), learning_rate=scheduler.get_last_lr()[0])
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
             if (step + 1) % args.eval_every == 0 or step + 1 == max_steps:
-                row.update(evaluate(policy, held_out, ref, args, tokenizer.pad_token_id, device))
+                row.update(evaluate(policy, held_out, held_out_ref, args, tokenizer.pad_token_id, device))
                 tqdm.write(f"step {step + 1}: eval loss {row['eval_loss']:.4f}, classifier accuracy "
                            f"{row['eval_rewards/accuracies']:.3f}, rewards {row.get('eval_rewards/positive', math.nan):+.3f} "
                            f"(positive) {row.get('eval_rewards/negative', math.nan):+.3f} (negative)")
             log(row)
-            if (step + 1) % args.save_every == 0 or step + 1 == max_steps or signals["requested"] and save_seconds < 10:
+            requested, slow_save = agree(signals["requested"] or 0, save_seconds >= 10)  # the same on every rank
+            if (step + 1) % args.save_every == 0 or step + 1 == max_steps or requested and not slow_save:
                 started = time.time()
                 save_checkpoint(args.output_dir, policy, tokenizer, optimizer, scheduler, step + 1)
                 save_seconds = time.time() - started
-            if signals["requested"]:
+            if requested:
                 bar.close()
                 print(f"stopped after step {step + 1}; newest checkpoint: "
                       f"{(list_checkpoints(args.output_dir) or ['none (a resume starts at step 0)'])[-1]}. "
                       f"{resume_command(args, argv) or ''}", file=sys.stderr)
-                raise SystemExit(128 + signals["requested"])
+                raise SystemExit(128 + int(requested))
         signals["stop_after_step"] = False
 
         if toy:

@@ -24,7 +24,7 @@ padded to their own width. Each contender runs in its own process (so that its p
 is run again (at most 3 times) if other processes took more than 15% of the CPUs meanwhile (bench/synthetic.py).
 
 "Ours" is pointwise_dpo.py's per-step work built from its own functions (pointwise_step below, made of
-example_logps, targets, pointwise_loss, pointwise_metrics, step_metrics and, for the default, reference_logps):
+example_logps, targets, pointwise_loss, pointwise_metrics, step_metrics and, for the default, all_example_logps):
 its training loop with --grad_accum 1, binary labels, --c 0, per-token mean log-probs (its default): one
 forward of B rows, the loss, backward, clip, the step's one host sync, torch.optim.AdamW(fused=True) and its
 constant (warm-up 0) LambdaLR schedule.
@@ -135,13 +135,13 @@ def pointwise_step(policy, optimizer, scheduler, chunk, idx, ref, beta=0.1, c=0.
 def run_ours(args, path, examples, with_ref_model):
     import torch
     from types import SimpleNamespace
-    from pointwise_dpo import example_logps, reference_logps
+    from pointwise_dpo import all_example_logps, example_logps
     policy = load_model(path)
     if with_ref_model:  # pointwise_dpo.py --ref_model
         reference = load_model(path).eval().requires_grad_(False)
         ref = lambda chunk, idx: example_logps(reference, chunk, PAD, "cpu", True)
     else:  # its default: every trained row's reference log-prob, computed once with the initial policy
-        cache = reference_logps(policy, examples, SimpleNamespace(batch_size=args.batch_size, logps="mean"), PAD, "cpu")
+        cache = all_example_logps(policy, examples, SimpleNamespace(batch_size=args.batch_size, logps="mean"), PAD, "cpu")
         ref = lambda chunk, idx: cache[list(idx)]
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (0 + 1)))  # warm-up 0

@@ -20,7 +20,7 @@ with the order rotated each round; a process waits for the shared machine to be 
 --lengths sets the prompt and response lengths: equal (30-80 tokens each), short-prompt (prompt 10-30,
 responses 60-100), long-prompt (prompt 120-200, responses 20-60, as in multi-turn dialogues such as HH).
 "Ours" runs dpo.py's own per-step work (synthetic.dpo_step, made of dpo.py's pair_logps, dpo_loss, dpo_metrics
-and reference_logps): one forward of 2B rows, the loss, backward, clip, the one host sync, and the step of
+and all_pair_logps): one forward of 2B rows, the loss, backward, clip, the one host sync, and the step of
 dpo.py's optimizer, torch.optim.AdamW(fused=True) (synthetic.dpo_optimizer).
 
 Made equal on purpose: fp32, batch 8 pairs, no gradient accumulation, constant learning rate, max_grad_norm 10,
