@@ -116,12 +116,7 @@ def _sequence_logps(model, batch, chunk_size):
     plain = getattr(model, "_plain_head", None)
     if plain is None:  # the first call only: decided once per model, kept on it
         plain = model._plain_head = _head_is_plain(model, batch)
-    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    if batch["attention_mask"].ndim == 4:  # (R, 1, T, T) bool, as SDPA takes it; eager attention adds a mask
-        mask = batch["attention_mask"]
-        if model.config._attn_implementation != "sdpa":  # fp32, so it adds to weights of any dtype
-            mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
-        inputs.update(attention_mask=mask, position_ids=batch["position_ids"])
+    inputs = _model_inputs(model, batch)
     if plain:
         out = model.base_model(**inputs)
         hidden = out[0].flatten(0, 1).index_select(0, batch["score_index"])  # (N, H): only positions that score
@@ -184,6 +179,75 @@ def _shared_layout_works(model, groups, pad_token_id, device):
     if error:
         print(f"grouped_logps: {model.config.model_type} does not take a shared-prompt layout ({error}): "
               f"each response is computed with its own copy of the prompt")
+    return error is None
+
+
+def _model_inputs(model, batch):
+    """The model's keyword arguments for a batch of `collate` (2D mask) or `collate_shared` (4D mask, position ids)."""
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    if batch["attention_mask"].ndim == 4:  # (R, 1, T, T) bool, as SDPA takes it; eager attention adds a mask
+        mask = batch["attention_mask"]
+        if model.config._attn_implementation != "sdpa":  # fp32, so it adds to weights of any dtype
+            mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
+        inputs.update(attention_mask=mask, position_ids=batch["position_ids"])
+    return inputs
+
+
+def grouped_scores(model, groups, pad_token_id, device):
+    """(K,) fp32 scores of a sequence classifier with one output (a reward model) for every response of every
+    (prompt_ids, [response_ids, ...]) group, flat in group order, read where the model's own class reads them:
+    at the last token that is not the pad token. Each prompt is computed once (`collate_shared`; the score head
+    runs on one hidden state a response), unless the model does not give the same scores that way (checked on
+    the first call, once per model; one line says so): then one response a row, the model's own forward."""
+    shared = getattr(model, "_scores_shared", None)
+    if shared is None:  # under torchrun, the same answer on every rank
+        shared = model._scores_shared = agree(not _shared_scores_work(model, groups[:2], pad_token_id, device)) == [0.0]
+    return (_shared_scores if shared else _separate_scores)(model, groups, pad_token_id, device)
+
+
+def _separate_scores(model, groups, pad_token_id, device):
+    batch = collate([(p, r) for p, rs in groups for r in rs], pad_token_id)  # right-padded rows
+    no_cache = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}  # decoders only
+    inputs = dict(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), **no_cache)
+    return through_wrapper(model, lambda: model(**inputs).logits[:, 0].float())  # (K,)
+
+
+def _shared_scores(model, groups, pad_token_id, device, row_tokens=None):
+    batch = collate_shared(groups, pad_token_id, row_tokens)
+    response, K = batch["response_of_token"], len(batch["n_tokens"])  # (N,): the tokens in row order
+    read = torch.zeros(K, dtype=torch.long).scatter_reduce(0, response, batch["score_index"], "amin", include_self=False)
+    real = batch["labels"] != pad_token_id  # (N,); a response of pad tokens only reads at its prompt's last position
+    read = read.scatter_reduce(0, response[real], batch["token_index"][real], "amax")  # (K,) its last real token
+    inputs = _model_inputs(model, {k: v.to(device) for k, v in batch.items()})
+
+    def forward():
+        hidden = model.base_model(**inputs)[0].flatten(0, 1).index_select(0, read.to(device))  # (K, H)
+        return model.score(hidden)[:, 0].float()  # (K,)
+    return through_wrapper(model, forward)
+
+
+@torch.no_grad()
+def _shared_scores_work(model, groups, pad_token_id, device):
+    """Whether the model scores each response in `collate_shared`'s layout (the groups packed in one row, the head
+    `model.score` on the base model's hidden state) as its own forward scores it alone, to 1e-3 (0.05 in 16-bit)
+    relative to the score; a model that ignores the 4D mask or the position ids, or whose head is not `score`,
+    does not, and fails the check."""
+    was_training = model.training
+    model.eval()
+    one_row = sum(len(p) + sum(map(len, rs)) for p, rs in groups)
+    try:
+        shared, error = _shared_scores(model, groups, pad_token_id, device, one_row).cpu(), None
+    except Exception as e:  # a model without a `score` head, or one that rejects a 4D mask or position ids
+        error = one_line(e)
+    separate = _separate_scores(model, groups, pad_token_id, device).cpu()
+    model.train(was_training)
+    low = (getattr(model, "_compute_dtype", None) or next(model.parameters()).dtype) in (torch.float16, torch.bfloat16)
+    gap = None if error else ((shared - separate).abs() / separate.abs().clamp(min=1)).max()
+    if error is None and gap > (0.05 if low else 1e-3):
+        error = f"scores {gap:.3g} apart from the separate layout's"
+    if error:
+        print(f"grouped_scores: {model.config.model_type} does not take a shared-prompt layout ({error}): "
+              f"each response is scored with its own copy of the prompt")
     return error is None
 
 
@@ -304,7 +368,8 @@ def collate_shared(groups, pad_token_id, row_tokens=None):
         R2                       x     x
 
     Returns input_ids, position_ids, attention_mask, score_index, labels, response_of_token and n_tokens (one
-    per response, flat in group order, as `collate` gives them for the rows [(p, r) for p, rs in groups for r in rs])."""
+    per response, flat in group order, as `collate` gives them for the rows [(p, r) for p, rs in groups for r in rs]),
+    and token_index, where each response token is (flat over rows and positions)."""
     sizes = [len(p) + sum(map(len, rs)) for p, rs in groups]
     T = max(int(row_tokens or 0), max(sizes))
     rows, free = [], []  # rows: the groups in each row; free: its tokens left
@@ -320,7 +385,7 @@ def collate_shared(groups, pad_token_id, row_tokens=None):
     part = torch.full((R, T), -1, dtype=torch.long)  # 0: prompt, j: the j-th response (-1: padding)
     first = [sum(len(rs) for _, rs in groups[:g]) for g in range(len(groups))]  # the group's first response's index
     n_tokens = torch.tensor([len(r) for _, rs in groups for r in rs], dtype=torch.long)
-    score_index, labels, response_of_token = [], [], []
+    score_index, labels, response_of_token, token_index = [], [], [], []
     for i, row in enumerate(rows):
         at = 0
         for g in row:
@@ -336,13 +401,15 @@ def collate_shared(groups, pad_token_id, row_tokens=None):
                 score_index += [last_prompt, *range(i * T + at, i * T + at + len(r) - 1)][:len(r)]
                 labels += r
                 response_of_token += [first[g] + j] * len(r)
+                token_index += range(i * T + at, i * T + at + len(r))
                 at += len(r)
     causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T): a query at row index q sees keys k <= q
     same_group = segment[:, :, None] == segment[:, None, :]  # (R, T, T); padding sees only padding
     visible = (part[:, None, :] == 0) | (part[:, :, None] == part[:, None, :])  # the prompt, or its own part
     return dict(input_ids=input_ids, position_ids=position_ids, attention_mask=(causal & same_group & visible)[:, None],
                 score_index=torch.tensor(score_index, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long),
-                response_of_token=torch.tensor(response_of_token, dtype=torch.long), n_tokens=n_tokens)
+                response_of_token=torch.tensor(response_of_token, dtype=torch.long), n_tokens=n_tokens,
+                token_index=torch.tensor(token_index, dtype=torch.long))
 
 
 # ---------------------------------------------------------------- loading

@@ -85,9 +85,9 @@ from tqdm import tqdm
 
 from common import (agree, clip_grad_norm_, collate, crash_point, disable_dropout, encode_prompt, encode_response,
                     fingerprint, from_pretrained, full_state, gather_objects, gather_shares, grouped_logps,
-                    init_distributed, is_main, load_model, load_optimizer_state, load_rows, load_tokenizer,
-                    mean_over_ranks, my_share, on_rank_0, parallelize, prompt_head_length, report_dropped,
-                    sample_responses, sequence_logps, sync_gradients, this_rank, through_wrapper, truncate, where,
+                    grouped_scores, init_distributed, is_main, load_model, load_optimizer_state, load_rows,
+                    load_tokenizer, mean_over_ranks, my_share, on_rank_0, parallelize, prompt_head_length,
+                    report_dropped, sample_responses, sequence_logps, sync_gradients, this_rank, truncate, where,
                     world_size)
 
 
@@ -272,14 +272,10 @@ def pair_logps(model, pairs, pad_token_id, device):
 
 
 def pair_scores(reward_model, pairs, pad_token_id, device):
-    """A reward model's scores of chosen and rejected (B,), (B,), in one forward pass over 2B rows; the model reads
-    its score where its own class reads it (the last token that is not padding)."""
-    batch = collate([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], pad_token_id)
-    no_cache = {"use_cache": False} if getattr(reward_model.config, "use_cache", None) is not None else {}  # decoders only
-    inputs = dict(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), **no_cache)
-    forward = lambda: reward_model(**inputs).logits[:, 0].float()  # (2B,)
-    scores = through_wrapper(reward_model, forward)  # under torchrun: inside the DDP/FSDP2 wrapper's forward
-    return scores[:len(pairs)], scores[len(pairs):]
+    """A reward model's scores of chosen and rejected (B,), (B,), in one forward pass with each prompt computed once
+    (common.grouped_scores), read where the model's own class reads them (the last token that is not padding)."""
+    scores = grouped_scores(reward_model, [(p, [c, r]) for p, c, r in pairs], pad_token_id, device)  # (2B,): c, r, ...
+    return scores[0::2], scores[1::2]
 
 
 # ---------------------------------------------------------------- data
@@ -435,7 +431,7 @@ def train_reward_model(k, args, rows, device, directory):
     rank, world = this_rank(), world_size()
     pairs_per_step = args.batch_size * args.grad_accum * world  # each rank batch_size x grad_accum of them
     steps_per_epoch = max(1, len(bag) // pairs_per_step)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.rm_learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.rm_learning_rate, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
     model.train()
     bar = tqdm(range(args.rm_epochs * steps_per_epoch), desc=f"reward model {k}")

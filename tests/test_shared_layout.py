@@ -126,3 +126,22 @@ def test_packing_removes_padding_without_lengthening_rows():
     assert batch["input_ids"].shape[1] == max(sizes)
     assert int((batch["input_ids"] != 1).sum()) == sum(sizes)  # every token is there (pad id 1 is never drawn)
     assert batch["input_ids"].numel() < len(groups) * max(sizes)
+
+
+@pytest.mark.parametrize("family,pad", [("llama", 1), ("llama", 0), ("qwen2", 1), ("bloom", 1)])
+def test_reward_model_scores_each_response_as_if_alone(family, pad, capsys):
+    """grouped_scores against the classifier's own forward on each prompt + response alone (no padding, so the
+    class reads its last token that is not the pad token). pad 0 = EOS: a response's EOS is then a pad token, and
+    the class reads the token before it. BLOOM (ALiBi) cannot take the layout and must fall back, same scores."""
+    from common import grouped_scores
+    torch.manual_seed(0)
+    causal = tiny(family)
+    causal.config.pad_token_id, causal.config.num_labels = pad, 1
+    model = T.AutoModelForSequenceClassification.from_config(causal.config).eval()
+    groups = random_groups(random.Random(1), 5)
+    with torch.no_grad():
+        scores = grouped_scores(model, groups, pad, "cpu")
+        expected = [model(input_ids=torch.tensor([p + r])).logits[0, 0].item() for p, rs in groups for r in rs]
+    assert scores.tolist() == pytest.approx(expected, abs=1e-5)
+    assert model._scores_shared == (family != "bloom")
+    assert ("does not take a shared-prompt layout" in capsys.readouterr().out) == (family == "bloom")
