@@ -1007,14 +1007,14 @@ def main(argv=None):
                                                                                 args.beta, args.label_smoothing)
                             sync_gradients(policy, s + args.batch_size >= len(share))  # under torchrun: once an update
                             ((losses * weight.to(device)).sum() * world / len(step_pairs)).backward()  # x world: ranks average
-                            real = weight.bool()
-                            metrics = dpo_metrics(losses.detach()[real], chosen_rewards[real], rejected_rewards[real],
-                                                  policy_chosen_logps[real], policy_rejected_logps[real])
-                            part = lambda v: (v * real.sum() if real.any() else torch.zeros((), device=v.device)) / len(step_pairs)
-                            sums = {k: sums.get(k, 0) + part(v) for k, v in metrics.items()}  # summed over the ranks below
+                            real = weight.nonzero().squeeze(-1)  # (n,) on the host: the rank's own pairs, not repeats
+                            pick = lambda t: t if len(real) in (0, len(chunk)) else t.index_select(0, real.to(t.device))
+                            metrics = dpo_metrics(*map(pick, (losses.detach(), chosen_rewards, rejected_rewards,
+                                                              policy_chosen_logps, policy_rejected_logps)))
+                            sums = {k: sums.get(k, 0) + v * len(real) / len(step_pairs) for k, v in metrics.items()}
                         grad_norm = clip_grad_norm_(policy, args.max_grad_norm)
-                        values = (mean_over_ranks(torch.stack([*sums.values()])) * world).tolist() if sums else []
-                        values += [grad_norm.item()]  # the update's host syncs
+                        summed = mean_over_ranks(torch.stack([*sums.values()])) * world if sums else grad_norm.new_zeros(0)
+                        values = torch.cat([summed.float(), grad_norm.float()[None]]).tolist()  # the update's one host sync
                         if update == 0:
                             row = dict(zip([*sums, "grad_norm"], values))  # the first update's: on the samples' policy
                         if not all(map(math.isfinite, values)):

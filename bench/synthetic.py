@@ -85,6 +85,17 @@ def n_params(model):
 
 
 # ---------------------------------------------------------------- a shared 2-core machine: measure only when it is quiet
+CPU = []  # this process's CPU seconds (time.process_time) at every step end, beside the wall-clock `ends`
+
+
+def tick(ends):
+    """A step ended: wall-clock time into `ends`, this process's CPU time into CPU. With one thread the CPU time
+    of a step hardly depends on what other processes do; the wall-clock time does, on a shared machine."""
+    CPU.append(time.process_time())
+    ends.append(time.perf_counter())
+    return ends
+
+
 def _cpu_jiffies():
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:]]
@@ -171,8 +182,8 @@ def dpo_optimizer(policy, learning_rate=1e-4, fused=True):
 def precomputed_reference(policy, pairs, batch_size=8):
     """dpo.py's default reference: log-probs of every pair under the initial policy, looked up per chunk."""
     from types import SimpleNamespace
-    from dpo import reference_logps
-    cache = reference_logps(policy, pairs, SimpleNamespace(batch_size=batch_size), PAD, "cpu")  # (N, 2)
+    from dpo import all_pair_logps
+    cache = all_pair_logps(policy, pairs, SimpleNamespace(batch_size=batch_size), PAD, "cpu")  # (N, 2)
     index = {id(pair): i for i, pair in enumerate(pairs)}
     return lambda chunk: cache[[index[id(pair)] for pair in chunk]].unbind(-1)
 
@@ -181,3 +192,19 @@ def frozen_reference(reference):
     from dpo import pair_logps
     reference.eval().requires_grad_(False)
     return lambda chunk: pair_logps(reference, chunk, PAD, "cpu")
+
+
+# ---------------------------------------------------------------- a reward model on the same backbone
+def build_reward_model(name, seed=0):
+    """A saved sequence classifier with one output (AutoModelForSequenceClassification, num_labels=1) on the
+    weights of build_model(name), its new score head drawn from `seed`; built once, then reused, so that every
+    process loads the same reward model."""
+    from transformers import AutoModelForSequenceClassification
+    path = os.path.join(CACHE, f"{name}-rm")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(build_model(name), num_labels=1, dtype=torch.float32)
+        model.config.pad_token_id = PAD
+        model.save_pretrained(path)
+        build_tokenizer(VOCAB[name]).save_pretrained(path)
+    return path
