@@ -672,8 +672,8 @@ def _generate(model, kwargs):
 # parameter, gradient and optimizer state; a decoder layer's full weights gathered just before it runs).
 def init_distributed(args):
     """(rank, world_size, device) of this process; under torchrun also the process group (NCCL on CUDA, gloo on
-    CPU) and this rank's GPU. torchrun gives each rank one CPU thread unless OMP_NUM_THREADS is set (two ranks
-    of two threads on two cores run ~7x slower). Only rank 0 prints: the others' stdout and stderr go nowhere,
+    CPU) and this rank's GPU. torchrun gives each rank one CPU thread unless OMP_NUM_THREADS is set (more threads
+    than cores leave OpenMP threads waiting on each other). Only rank 0 prints: the others' stdout and stderr go nowhere,
     except a traceback, so a crash on any rank is seen."""
     import torch.distributed as dist
     if args.ddp and args.fsdp:
