@@ -63,6 +63,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -218,6 +219,7 @@ def run_kto(args, path, examples, precompute):
     trainer = Trainer(model=policy, ref_model=reference, args=config, train_dataset=data,
                       processing_class=AutoTokenizer.from_pretrained(path), callbacks=[clock])
     trainer.train()
+    shutil.rmtree(config.output_dir, ignore_errors=True)  # TRL's output directory: nothing is saved there
     log = next(log for log in clock.logs if "logps/chosen" in log)
     return torch.stack(Trainer.losses).tolist(), clock.ends, {"chosen": log["logps/chosen"], "rejected": log["logps/rejected"]}
 

@@ -36,6 +36,7 @@ optimizer steps, so it includes collation and logging.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -161,6 +162,7 @@ def run_trl(args, path, pairs, precompute):
     trainer = Trainer(model=policy, ref_model=reference, args=config, train_dataset=data,
                       processing_class=AutoTokenizer.from_pretrained(path), callbacks=[clock])
     trainer.train()
+    shutil.rmtree(config.output_dir, ignore_errors=True)  # TRL's output directory: nothing is saved there
     first_logps = next(log["logps/chosen"] for log in clock.logs if "logps/chosen" in log)
     return torch.stack(Trainer.losses).tolist(), clock.ends, first_logps
 
