@@ -889,6 +889,9 @@ def main(argv=None):
         if finished(args.output_dir, start_step, max_steps):
             print(f"{args.output_dir}: this run is complete ({start_step} steps); nothing to do")
             return
+        if args.labels == "gold" and window["gold_used"] >= args.gold_budget and finished(args.output_dir, 0, 0):
+            print(f"{args.output_dir}: this run is complete (its gold budget was spent at step {start_step}); nothing to do")
+            return
         gold_log = GoldLog(os.path.join(args.output_dir, "gold.jsonl")) if is_main() else None  # rank 0 writes it
 
         def pair_items(batch, responses_a, responses_b):

@@ -167,7 +167,7 @@ def window_schedule(pairs_per_step, R, S, budget, steps, initial=0):
 
 
 @pytest.mark.parametrize("labels", ["d2po", "gold", "static", "self"])
-def test_every_labels_mode_runs_on_the_toy_within_the_gold_budget(labels, toy_dir, data, tmp_path):
+def test_every_labels_mode_runs_on_the_toy_within_the_gold_budget(labels, toy_dir, data, tmp_path, capsys):
     out = tmp_path / labels
     extra = ["--labels", labels] + (["--initial_gold", "4"] if labels == "static" else [])
     d2po.main(flags(toy_dir, data, out, *extra))
@@ -182,9 +182,13 @@ def test_every_labels_mode_runs_on_the_toy_within_the_gold_budget(labels, toy_di
         assert rows[-1]["disc/accuracy"] is not None
     elif labels == "static":
         assert used == [4] * 6 and all(g["step"] == 0 for g in gold)  # the initial gold, then never again
-    else:  # gold: every pair labelled until the budget is spent, then the run stops
+    else:  # gold: every pair labelled until the budget is spent, then the run stops; resumed, it is complete
         assert used[0] == 4 and used[-1] == 7 and len(rows) == 2
         assert all(r["silver/pairs"] == 0 for r in rows)
+        final = (out / "model.safetensors").stat().st_mtime_ns
+        d2po.main(flags(toy_dir, data, out, *extra, "--resume"))
+        assert "gold budget was spent at step 2); nothing to do" in capsys.readouterr().out
+        assert (out / "model.safetensors").stat().st_mtime_ns == final and len(training_rows(out)) == 2
     for r in rows:
         assert r["gold/pairs"] + r["silver/pairs"] <= 4 and math.isfinite(r["grad_norm"])
 
