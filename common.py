@@ -107,9 +107,7 @@ def sequence_logps(model, batch, chunk_size=None):
     position. All indices are built on the host: no boolean masks, no syncs here.
     The fused head is used when the model's logits are lm_head(final hidden), as `_head_is_plain` decides
     on the first batch (once per model); otherwise the model's own (B, T, V) logits."""
-    if model.__dict__.get("parallel") is not None:  # under torchrun: inside the DDP/FSDP2 wrapper's forward
-        return through_wrapper(model, _sequence_logps, model, batch, chunk_size)
-    return _sequence_logps(model, batch, chunk_size)
+    return through_wrapper(model, _sequence_logps, model, batch, chunk_size)  # under torchrun: inside DDP/FSDP2's forward
 
 
 def _sequence_logps(model, batch, chunk_size):
@@ -744,11 +742,14 @@ def my_share(n, weights=False):
     return (share, torch.tensor([float(i < n) for i in range(rank * per, (rank + 1) * per)])) if weights else share
 
 
-def gather_shares(tensor, n):
-    """The (per, ...) results of every rank's `my_share(n)`, in order: the (n, ...) whole, on every rank."""
+def gather_shares(share, n):
+    """The results of every rank's `my_share(n)`, a (per, ...) tensor or a list, concatenated in rank order without
+    the last share's padding: the (n, ...) whole, on every rank."""
+    if isinstance(share, list):  # any objects (sampled responses, rows): through pickling
+        return [x for part in gather_objects(share) for x in part][:n]
     if _dist() is None:
-        return tensor
-    tensor = tensor.to(_comm_device())
+        return share
+    tensor = share.to(_comm_device())
     parts = [torch.empty_like(tensor) for _ in range(_dist().get_world_size())]
     _dist().all_gather(parts, tensor.contiguous())
     return torch.cat(parts)[:n].cpu()

@@ -782,7 +782,7 @@ def sample_pairs(policy, tokenizer, prompt_ids, args, seed):
         responses = sample_responses(policy, tokenizer, mine + mine, args.max_new_tokens, args.temperature,
                                      args.sample_batch_size)
     crash_point("sample")
-    pairs = sum(gather_objects(list(zip(responses[:len(mine)], responses[len(mine):]))), [])[:len(prompt_ids)]
+    pairs = gather_shares(list(zip(responses[:len(mine)], responses[len(mine):])), len(prompt_ids))
     return [a for a, _ in pairs], [b for _, b in pairs]
 
 

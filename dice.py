@@ -368,7 +368,7 @@ def sample(policy, tokenizer, prompts, args, seed):
              "responses": [tokenizer.decode(r, skip_special_tokens=True) for r in rs],
              "usable": [usable(p, r, tokenizer.eos_token_id, args.max_length) for r in rs]}
             for p, rs in zip(mine, (responses[i:i + K] for i in range(0, len(responses), K)))]
-    return sum(gather_objects(rows), [])[:len(prompts)]  # the shares in order, without the last one's padding
+    return gather_shares(rows, len(prompts))
 
 
 @torch.no_grad()

@@ -563,7 +563,7 @@ def reference_samples(model, tokenizer, train, args, device):
         batch = collate(list(zip(mine[s:s + 64], responses[s:s + 64])), tokenizer.pad_token_id)
         logps.append(sequence_logps(model, {k: v.to(device) for k, v in batch.items()})[0].cpu())
     model.train(was_training)
-    responses = [r for part in gather_objects(responses) for r in part][:len(flat)]  # the ranks' shares, in order
+    responses = gather_shares(responses, len(flat))  # the ranks' shares, in order
     return {"prompts": flat, "responses": responses, "logps": gather_shares(torch.cat(logps), len(flat))}
 
 
