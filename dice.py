@@ -73,7 +73,7 @@ from common import (agree, clip_grad_norm_, collate, crash_point, encode_prompt,
 @dataclass
 class Args:
     model: str = field(default=None, metadata={"help": "the DPO model pi^(0): hub id or local directory (default: round 0 on the toy task)"})
-    ref_model: str = field(default=None, metadata={"help": "the model --model was DPO-trained against, pi^(-1); round 1 scores with both (toy: the SFT model)"})
+    ref_model: str = field(default=None, metadata={"help": "the reference model --model was DPO-trained against, pi^(-1); round 1 scores with both (toy: the SFT model)"})
     dataset: str = field(default=None, metadata={"help": "offline preference data (prompt/chosen/rejected), for prompts and replay: hub name, .jsonl/.json/.parquet, or a save_to_disk folder (default: toy)"})
     dataset_split: str = field(default="train", metadata={"help": "split of a hub dataset to train on"})
     eval_dataset: str = field(default=None, metadata={"help": "held-out preference data; default: hold out --eval_fraction of --dataset"})
@@ -110,6 +110,8 @@ class Args:
     seed: int = field(default=0, metadata={"help": "seed of the sampling, the replay, the data order and everything random"})
     eval_every: int = field(default=100, metadata={"help": "evaluate on the held-out pairs every N steps"})
     save_every: int = field(default=500, metadata={"help": "write a checkpoint every N steps"})
+    toy_eval_every: int = field(default=0, metadata={"help": "toy task only: every N steps also sample the test prompts and "
+                                                             "log gold reward, length and KL, a training curve (0: never)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --output_dir, skipping every finished stage"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
     dtype: str = field(default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU",
@@ -129,6 +131,7 @@ ARG_CHECKS = dict(batch_size=at_least_1, grad_accum=at_least_1, epochs=at_least_
                   save_every=at_least_1, max_eval_pairs=at_least_1, max_length=(lambda v: v >= 2, "at least 2"),
                   max_steps=(lambda v: v is None or v >= 1, "at least 1"),
                   max_prompt_length=(lambda v: v is None or v >= 1, "at least 1"),
+                  toy_eval_every=(lambda v: v >= 0, "0 or more"),
                   warmup_steps=(lambda v: v >= 0, "0 or more"), weight_decay=(lambda v: 0 <= v < math.inf, "0 or more"),
                   learning_rate=positive, beta=positive, max_grad_norm=positive,
                   eval_fraction=(lambda v: 0 < v < 1, "between 0 and 1"),
@@ -138,7 +141,7 @@ ARG_CHECKS = dict(batch_size=at_least_1, grad_accum=at_least_1, epochs=at_least_
                   max_new_tokens=at_least_1, sample_batch_size=at_least_1, alpha_step=positive, alpha_max=positive,
                   alpha=(lambda v: v is None or 0 <= v < math.inf, "0 or more"),
                   replay_ratio=(lambda v: 0 <= v < 1, "in [0, 1)"))
-RESUME_MAY_CHANGE = ("max_steps", "eval_every", "save_every")  # every other flag must match the run's
+RESUME_MAY_CHANGE = ("max_steps", "eval_every", "save_every", "toy_eval_every")  # every other flag must match the run's
 
 
 # ---------------------------------------------------------------- arguments (TRY NOT TO MODIFY)
@@ -158,6 +161,8 @@ def parse_args(argv=None):
     for name, (ok, expected) in ARG_CHECKS.items():
         if not ok(getattr(args, name)):
             sys.exit(f"error: --{name} must be {expected} (got {getattr(args, name)})")
+    if args.toy_eval_every and args.dataset:
+        sys.exit("error: --toy_eval_every is for the built-in toy task (without --dataset)")
     if args.dataset and not args.model:
         sys.exit("error: --dataset needs --model (without --model, the built-in toy task runs on its own data)")
     if args.resume and not args.output_dir:
@@ -611,7 +616,7 @@ def open_metrics(directory, start_step):
             for line in f:
                 with contextlib.suppress(ValueError):  # a line cut short by a kill
                     row = json.loads(line)
-                    kept += [line] if row["step"] <= start_step and not any(k.startswith("toy/") for k in row) else []
+                    kept += [line] if row["step"] <= start_step and "toy/gold_reward_after" not in row else []
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
@@ -662,9 +667,10 @@ def resume_command(args, argv):
 
 
 # ---------------------------------------------------------------- a DPO round
-def train_round(args, directory, policy, train, held_out, record, tokenizer, device, signals, argv):
+def train_round(args, directory, policy, train, held_out, record, tokenizer, device, signals, argv, toy_curve=None):
     """One round of DPO in `directory` from `policy`, pi^(t-1), which is also its reference: dpo.py's training
-    loop. Returns the trained policy, the round's steps and how many of them this call ran."""
+    loop. Returns the trained policy, the round's steps and how many of them this call ran. toy_curve(policy): the
+    toy's figures, logged every --toy_eval_every steps."""
     rank, world = this_rank(), world_size()
     pairs_per_step = args.batch_size * args.grad_accum * world  # each rank batch_size x grad_accum of them
     steps_per_epoch = len(train) // pairs_per_step
@@ -736,6 +742,8 @@ def train_round(args, directory, policy, train, held_out, record, tokenizer, dev
             row.update(evaluate(policy, held_out, cache["eval"], args, tokenizer.pad_token_id, device))
             tqdm.write(f"step {step + 1}: eval loss {row['eval_loss']:.4f}, "
                        f"accuracy {row['eval_rewards/accuracies']:.3f}, margin {row['eval_rewards/margins']:.3f}")
+        if toy_curve and args.toy_eval_every and (step + 1) % args.toy_eval_every == 0 and step + 1 < max_steps:
+            row.update({f"toy/{k}": v for k, v in toy_curve(policy).items()})
         log(row)
         requested, slow_save = agree(signals["requested"] or 0, save_seconds >= 10)  # the same on every rank
         if (step + 1) % args.save_every == 0 or step + 1 == max_steps or requested and not slow_save:
@@ -788,18 +796,19 @@ def run_round(t, args, models, offline, held_out, prompts, record, tokenizer, de
     if t > 0:
         train, stats = round_data(t, directory, policy, models, offline, prompts, args, tokenizer, device, toy, seconds)
         summary.update(stats)
+    sft = load_model(models[-1], args.dtype, device).eval() if toy else None  # the toy's KL is to the SFT model
+    toy_curve = (lambda p: toy.evaluate(p, sft, tokenizer, toy_prompts, seed=args.seed)) if toy else None
     if trains:
         started = time.time()
         settings = dataclasses.replace(args, learning_rate=args.round0_learning_rate) if t == 0 else args
         policy, summary["steps"], ran = train_round(settings, directory, policy, train, held_out, record, tokenizer,
-                                                    device, signals, argv)
+                                                    device, signals, argv, toy_curve)
         seconds["training"] = time.time() - started
         for later in os.listdir(args.output_dir) if ran and is_main() else []:  # built on an older pi^(t) (a resume)
             if later.startswith("round_") and int(later[6:]) > t:
                 shutil.rmtree(os.path.join(args.output_dir, later))
     if toy:  # gold reward, length and KL to the SFT model of one sample per test prompt
         started = time.time()
-        sft = load_model(models[-1], args.dtype, device).eval()
         summary.update({f"toy/{k}": v for k, v in toy.evaluate(policy, sft, tokenizer, toy_prompts, seed=args.seed).items()})
         if t == 0:
             summary.update({f"toy/sft_{k}": v for k, v in toy.evaluate(sft, sft, tokenizer, toy_prompts, seed=args.seed).items()})
@@ -877,6 +886,13 @@ def main(argv=None):
         else:
             print(f"{args.output_dir}: this run is complete ({args.rounds} rounds); nothing to do")
         print(table(summaries))
+        if toy:  # the other scripts' last line, in the same words: the SFT model (pi^(-1)) -> the last round's
+            before, after = ({k[len(p):]: v for k, v in s.items() if k.startswith(p)}
+                             for s, p in ((summaries[0], "toy/sft_"), (summaries[-1], "toy/")))
+            print(f"toy task, {len(toy_prompts)} test prompts, one sample each:\n"
+                  f"  gold reward {before['gold_reward']:+.3f} -> {after['gold_reward']:+.3f}   "
+                  f"length {before['length']:.1f} -> {after['length']:.1f} words   "
+                  f"KL(policy || reference) {before['kl']:.2f} -> {after['kl']:.2f} nats")
 
 
 if __name__ == "__main__":

@@ -110,6 +110,8 @@ class Args:
     seed: int = field(default=0, metadata={"help": "seed of the data order and of everything random"})
     eval_every: int = field(default=100, metadata={"help": "evaluate on the held-out rows every N steps"})
     save_every: int = field(default=500, metadata={"help": "write a checkpoint every N steps"})
+    toy_eval_every: int = field(default=0, metadata={"help": "toy task only: every N steps also sample the test prompts and "
+                                                             "log gold reward, length and KL, a training curve (0: never)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --output_dir from its newest checkpoint"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
     dtype: str = field(default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU",
@@ -127,10 +129,11 @@ ARG_CHECKS = dict(batch_size=at_least_1, grad_accum=at_least_1, epochs=at_least_
                   save_every=at_least_1, max_eval_examples=at_least_1, max_length=(lambda v: v >= 2, "at least 2"),
                   max_steps=(lambda v: v is None or v >= 1, "at least 1"),
                   max_prompt_length=(lambda v: v is None or v >= 1, "at least 1"),
+                  toy_eval_every=(lambda v: v >= 0, "0 or more"),
                   warmup_steps=(lambda v: v >= 0, "0 or more"), weight_decay=(lambda v: 0 <= v < math.inf, "0 or more"),
                   learning_rate=positive, beta=positive, max_grad_norm=positive,
                   eval_fraction=(lambda v: 0 < v < 1, "between 0 and 1"), c=(math.isfinite, "a finite number"))
-RESUME_MAY_CHANGE = ("max_steps", "eval_every", "save_every")  # every other flag must match the run's
+RESUME_MAY_CHANGE = ("max_steps", "eval_every", "save_every", "toy_eval_every")  # every other flag must match the run's
 
 
 # ---------------------------------------------------------------- arguments (TRY NOT TO MODIFY)
@@ -150,6 +153,8 @@ def parse_args(argv=None):
     for name, (ok, expected) in ARG_CHECKS.items():
         if not ok(getattr(args, name)):
             sys.exit(f"error: --{name} must be {expected} (got {getattr(args, name)})")
+    if args.toy_eval_every and args.dataset:
+        sys.exit("error: --toy_eval_every is for the built-in toy task (without --dataset)")
     if args.dataset and not args.model:
         sys.exit("error: --dataset needs --model (without --model, the built-in toy task runs on its own data)")
     if args.resume and not args.output_dir:
@@ -503,7 +508,7 @@ def open_metrics(directory, start_step):
             for line in f:
                 with contextlib.suppress(ValueError):  # a line cut short by a kill
                     row = json.loads(line)
-                    kept += [line] if row["step"] <= start_step and not any(k.startswith("toy/") for k in row) else []
+                    kept += [line] if row["step"] <= start_step and "toy/gold_reward_after" not in row else []
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
@@ -671,6 +676,9 @@ def main(argv=None):
                 tqdm.write(f"step {step + 1}: eval loss {row['eval_loss']:.4f}, classifier accuracy "
                            f"{row['eval_rewards/accuracies']:.3f}, rewards {row.get('eval_rewards/positive', math.nan):+.3f} "
                            f"(positive) {row.get('eval_rewards/negative', math.nan):+.3f} (negative)")
+            if toy and args.toy_eval_every and (step + 1) % args.toy_eval_every == 0 and step + 1 < max_steps:
+                row.update({f"toy/{k}": v for k, v in toy.evaluate(policy, toy_reference, tokenizer, toy_prompts,
+                                                                      seed=args.seed).items()})
             log(row)
             requested, slow_save = agree(signals["requested"] or 0, save_seconds >= 10)  # the same on every rank
             if (step + 1) % args.save_every == 0 or step + 1 == max_steps or requested and not slow_save:

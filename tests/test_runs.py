@@ -235,6 +235,7 @@ def bad_inputs(toy_dir, tmp):
         "label_smoothing 0.5": (good, ["--label_smoothing", "0.5"], ["--label_smoothing must be in [0, 0.5)"]),
         "grad_accum too large": (good, ["--grad_accum", "100"], ["--grad_accum 100", "only 7 training pairs"]),
         "dataset without model": (good, ["--model", None], ["--dataset needs --model"]),
+        "toy curve without the toy": (good, ["--toy_eval_every", "2"], ["--toy_eval_every is for the built-in toy task"]),
         "resume with nothing to resume": (good, ["--resume", True], ["no run to continue"]),
     }
 
