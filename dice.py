@@ -17,7 +17,7 @@ and trained against itself.
 Run:
     python dice.py                                    # toy task: round 0 (DPO from the SFT model), 2 DICE rounds
     python dice.py --model runs/dpo-<time>            # toy task, from a dpo.py run instead of round 0
-    python dice.py --model princeton-nlp/Llama-3-Base-8B-SFT-DPO --ref_model princeton-nlp/Llama-3-Base-8B-SFT \
+    python dice.py --model princeton-nlp/Llama-3-Base-8B-SFT-DPO --ref_model princeton-nlp/Llama-3-Base-8B-SFT \\
         --dataset uf_10k.jsonl --learning_rate 5e-7 --warmup_steps 50 --batch_size 2 --grad_accum 16 --output_dir out
     python dice.py <the same flags> --output_dir out --resume
     torchrun --nproc_per_node=8 dice.py <the same flags>    # several GPUs: as dpo.py; each rank samples and scores its

@@ -36,7 +36,7 @@ by the standard deviation of the training margins (one std = one log-odd); none 
 Run:
     python distilled_dpo.py                    # toy task: 3 reward models, ensemble, annotator with length bias 1
     python distilled_dpo.py --objective dpo --length_bias 2       # the baseline on more biased labels
-    python distilled_dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset trl-lib/ultrafeedback_binarized \
+    python distilled_dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset trl-lib/ultrafeedback_binarized \\
         --objective ensemble --num_reward_models 3 --rm_learning_rate 1e-5 --output_dir out
     python distilled_dpo.py --model M --dataset pairs.jsonl --objective ensemble --reward_models rm_a,rm_b,rm_c --output_dir out
     python distilled_dpo.py --model M --dataset scored_pairs.jsonl --objective distill --margin_column margin --output_dir out

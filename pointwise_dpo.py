@@ -22,7 +22,7 @@ Run:
     python pointwise_dpo.py --loss_type continuous --label_column score      # the toy's gold reward as the score
     python pointwise_dpo.py --ulma                           # ULMA on the toy: SFT on the positives
     python pointwise_dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset trl-lib/kto-mix-14k --output_dir out
-    python pointwise_dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset negatives.jsonl --sft_dataset demos.jsonl \
+    python pointwise_dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset negatives.jsonl --sft_dataset demos.jsonl \\
         --ulma --output_dir out
     python pointwise_dpo.py <the same flags> --output_dir out --resume
     torchrun --nproc_per_node=8 pointwise_dpo.py --model meta-llama/Llama-3.1-8B-Instruct --dataset trl-lib/kto-mix-14k --output_dir out

@@ -13,7 +13,8 @@ Rows: the SFT model (the toy's starting point; no training) and the five algorit
     d2po           D2PO: online pairs, a 256-label gold budget, the discriminator's silver labels for the rest
     dice           DICE: round 0 is DPO, then 2 rounds on its own samples, labelled by its implicit reward
     pointwise_dpo  point-wise DPO with binary labels, on both completions of every pair, labelled gold reward > 0
-    distilled_dpo  e-DPO: 3 reward models trained on the pairs, DPO towards their pessimistic (min) margin
+    distilled_dpo  e-DPO: 3 reward models trained on the pairs, DPO towards their pessimistic (min) margin; with
+                   --length_bias 0, so that it learns from the same labels as DPO (its toy default adds a bias)
 
 Columns: gold reward, length and KL(policy || SFT) of one sample per test prompt, the held-out accuracy each
 script reports (of its own kind: pairs ordered by the implicit reward; for point-wise DPO, the sign of the
@@ -39,6 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALGORITHMS = dict(dpo=0.1, d2po=0.05, dice=0.1, pointwise_dpo=0.1, distilled_dpo=0.1)  # name: default beta
 SWEEP = (0.3, 3.0, 10.0)  # times the default beta
 CURVE_EVERY = dict(dpo=40, d2po=20, pointwise_dpo=40, distilled_dpo=40)  # DICE: one point per round
+SAME_LABELS = dict(distilled_dpo=["--length_bias", "0"])  # its toy default relabels the pairs with a length bias
 
 
 def parse_args(argv=None):
@@ -66,12 +68,14 @@ def jobs(args):
         first = f"{algorithm}-beta{beta_text(default)}-seed{args.seeds[0]}"
         for seed in args.seeds:
             curve = ["--toy_eval_every", str(CURVE_EVERY[algorithm])] if seed == args.seeds[0] and algorithm in CURVE_EVERY else []
-            out.append((f"{algorithm}-beta{beta_text(default)}-seed{seed}", algorithm, default, seed, curve, None))
+            out.append((f"{algorithm}-beta{beta_text(default)}-seed{seed}", algorithm, default, seed,
+                        SAME_LABELS.get(algorithm, []) + curve, None))
         for factor in SWEEP if args.sweep else ():
             beta = round(default * factor, 6)
             teachers = ["--reward_models", ",".join(os.path.join(args.dir, first, f"reward_model_{k}") for k in range(3))]
             out.append((f"{algorithm}-beta{beta_text(beta)}-seed{args.seeds[0]}", algorithm, beta, args.seeds[0],
-                        teachers if algorithm == "distilled_dpo" else [], first if algorithm == "distilled_dpo" else None))
+                        SAME_LABELS.get(algorithm, []) + (teachers if algorithm == "distilled_dpo" else []),
+                        first if algorithm == "distilled_dpo" else None))
     return out
 
 

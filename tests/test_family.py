@@ -193,3 +193,27 @@ def test_a_script_copied_with_common_py_alone_runs_to_a_checkpoint(script, own_m
     trained = here / "run" / ("round_1" if script == "dice.py" else "")
     assert (trained / "checkpoint-1" / "model.safetensors").exists() or (trained / "model.safetensors").exists()
     assert set(os.listdir(here)) - {"__pycache__"} == {script, "common.py", "model", "pairs.jsonl", "rows.jsonl", "run"}
+
+
+# ---------------------------------------------------------------- the files teach, and point at nothing outside
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_docstring_states_its_paper_losses_how_to_run_it_and_numbered_deviations(script):
+    doc = module(script).__doc__
+    assert re.search(r"https://arxiv\.org/abs/\d{4}\.\d{5}", doc.split("\n\n")[0]), "the paper, in the first paragraph"
+    assert re.search(r"\bL(_\w+)? +=", doc), "a loss written out"
+    run = doc[doc.index("\nRun:\n"):]
+    assert f"    python {script}\n" in run or f"    python {script} " in run and f"python {script} --model" in run
+    deviations = doc[doc.index("\nDeviations from the paper"):]
+    numbers = [int(n) for n in re.findall(r"^(\d+)\. ", deviations, flags=re.M)]
+    assert numbers == list(range(1, len(numbers) + 1)) and len(numbers) >= 3, numbers
+
+
+def test_the_readmes_point_at_nothing_outside_the_repository():
+    for readme in ("README.md", os.path.join("bench", "README.md")):
+        with open(os.path.join(ROOT, readme)) as f:
+            text = f.read()
+        assert not re.search(r"(?<!\.)\.\./", text) and "ALGORITHMS.md" not in text and "STYLE.md" not in text, readme
+        for target in re.findall(r"\]\(([^)]+)\)", text):  # every link: the web, or a file of the repository
+            assert target.startswith(("http://", "https://")) or os.path.exists(os.path.join(ROOT, target)), target
+        for path in re.findall(r"`((?:scripts|bench|docs|tests)/[\w./-]+\.(?:py|png|svg|md))`", text):
+            assert os.path.exists(os.path.join(ROOT, path)), f"{readme} names {path}, which is not in the repository"
