@@ -259,6 +259,8 @@ def main(argv=None):
             runs.setdefault(algorithm, []).append(found)
         if seed == args.seeds[0]:
             sweeps.setdefault(algorithm, []).append((beta, found["kl"], found["gold"]))
+    runs = {a: runs[a] for a in ALGORITHMS if a in runs}  # DPO first, in the docstring's order
+    sweeps = {a: sweeps[a] for a in ALGORITHMS if a in sweeps}
     print(table(runs, args.seeds))
     if args.sweep:
         print("\nsweep (seed 0): algorithm, beta: gold reward, KL")
