@@ -346,12 +346,32 @@ def collate(rows, pad_token_id):
                 response_of_token=torch.tensor(response_of_token), n_tokens=response_mask.sum(-1))
 
 
+def _first_fit_decreasing(sizes, T):
+    """Items (by index) packed into bins of T: each, longest first, into the first bin with room for it."""
+    rows, free = [], []
+    for g in sorted(range(len(sizes)), key=lambda g: -sizes[g]):
+        i = next((i for i in range(len(rows)) if free[i] >= sizes[g]), len(rows))
+        rows, free = (rows, free) if i < len(rows) else (rows + [[]], free + [T])
+        rows[i].append(g)
+        free[i] -= sizes[g]
+    return rows
+
+
+def _row_length(sizes):
+    """The row length, among 16 from the longest group's to twice that, whose first-fit packing has the fewest
+    positions (rows x length): for batches of 8-32 pairs of 90-240 tokens padding falls from about 20% (rows as
+    long as the longest group) to about 5%, for about 1.4x the attention."""
+    longest = max(sizes)
+    lengths = sorted({longest + longest * k // 16 for k in range(17)})
+    return min(lengths, key=lambda T: (len(_first_fit_decreasing(sizes, T)) * T, T))
+
+
 def collate_shared(groups, pad_token_id, row_tokens=None):
     """groups: [(prompt_ids, [response_ids, ...])] -> a batch for `sequence_logps` in which each prompt is
     computed once: a group is its prompt followed by its responses, and each response sees the prompt and
     itself, never another response (Wang & Hegde 2024, "Accelerating DPO with Prefix Sharing"). Groups are
-    packed into rows of row_tokens tokens (default: the longest group, so that packing fills what would be
-    padding and never lengthens a row), first fit in decreasing length. Position ids restart at each response
+    packed into rows of row_tokens tokens (default: `_row_length`, the length between the longest group's and
+    twice that with the fewest positions in all), first fit in decreasing length. Position ids restart at each response
     where its prompt ends. The attention mask is 4D (R, 1, T, T) bool; two groups P1 C1 R1 | P2 C2 R2 in a row:
 
               P1 P1 C1 C1 R1 R1 P2 C2 R2
@@ -369,13 +389,8 @@ def collate_shared(groups, pad_token_id, row_tokens=None):
     per response, flat in group order, as `collate` gives them for the rows [(p, r) for p, rs in groups for r in rs]),
     and token_index, where each response token is (flat over rows and positions)."""
     sizes = [len(p) + sum(map(len, rs)) for p, rs in groups]
-    T = max(int(row_tokens or 0), max(sizes))
-    rows, free = [], []  # rows: the groups in each row; free: its tokens left
-    for g in sorted(range(len(groups)), key=lambda g: -sizes[g]):
-        i = next((i for i in range(len(rows)) if free[i] >= sizes[g]), len(rows))
-        rows, free = (rows, free) if i < len(rows) else (rows + [[]], free + [T])
-        rows[i].append(g)
-        free[i] -= sizes[g]
+    T = max(int(row_tokens or 0), max(sizes)) if row_tokens else _row_length(sizes)
+    rows = _first_fit_decreasing(sizes, T)  # the groups in each row
     R = len(rows)
     input_ids = torch.full((R, T), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros(R, T, dtype=torch.long)

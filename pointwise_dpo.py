@@ -69,11 +69,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (agree, check_rows, clip_grad_norm_, collate, crash_point, encode_prompt, encode_response,
-                    fingerprint, full_state, gather_objects, gather_shares, init_distributed, is_main, load_model,
+from common import (agree, check_rows, clip_grad_norm_, crash_point, encode_prompt, encode_response, fingerprint,
+                    full_state, gather_objects, gather_shares, grouped_logps, init_distributed, is_main, load_model,
                     load_optimizer_state, load_rows, load_tokenizer, mean_over_ranks, my_share, on_rank_0, parallelize,
-                    prompt_head_length, read_json_rows, report_dropped, sequence_logps, sync_gradients, this_rank,
-                    truncate, where, world_size)
+                    prompt_head_length, read_json_rows, report_dropped, sync_gradients, this_rank, truncate, where,
+                    world_size)
 
 
 @dataclass
@@ -187,9 +187,16 @@ def pointwise_loss(policy_logps, reference_logps, z, positive, beta, c=0.0, loss
 
 
 def example_logps(model, examples, pad_token_id, device, average=True):
-    """Log-probs of each row's response, per-token means (the authors') or sums, in one forward pass: (B,)."""
-    batch = collate([(p, r) for p, r, _, _ in examples], pad_token_id)
-    logps, n_tokens = sequence_logps(model, {k: v.to(device) for k, v in batch.items()})  # (B,), (B,)
+    """Log-probs of each row's response, per-token means (the authors') or sums, in one forward pass: (B,). Rows
+    with the same prompt share one copy of it, and rows are packed without padding (common.grouped_logps)."""
+    groups, at = {}, []  # prompt -> its responses; each row's (prompt, index among that prompt's responses)
+    for p, r, _, _ in examples:
+        at.append((tuple(p), len(groups.setdefault(tuple(p), []))))
+        groups[tuple(p)].append(r)
+    first = dict(zip(groups, torch.tensor([0] + [len(rs) for rs in groups.values()]).cumsum(0).tolist()))
+    logps, n_tokens = grouped_logps(model, [(list(p), rs) for p, rs in groups.items()], pad_token_id, device)
+    order = torch.tensor([first[p] + j for p, j in at], device=logps.device)  # back to the rows' order
+    logps, n_tokens = logps[order], n_tokens[order]  # (B,), (B,)
     return logps / n_tokens if average else logps  # (B,)
 
 

@@ -14,6 +14,8 @@ with the order rotated each round; a process waits for the shared machine to be 
                      switched to the fused one), to show what the optimizer costs
     ours-separate    dpo.py's default with each response in a row of its own, its prompt copied (the layout
                      before common.grouped_logps), to show what computing each prompt once is worth
+    ours-rows-longest dpo.py's default with rows as long as the step's longest pair (the packing before
+                     common._row_length chose the row length), to show what that choice is worth
     ideal            not a trainer: the forward and backward of the step's unique tokens only (each prompt
                      once, no padding, plain causal attention, no mask), as many tokens scored by the LM
                      head as the pairs' responses have, and the same optimizer step; the floor for any layout
@@ -45,7 +47,8 @@ import time
 from synthetic import (VOCAB, build_model, dpo_optimizer, dpo_step, frozen_reference, load_model, make_pairs, median,
                        n_params, peak_rss_mib, precomputed_reference, quietly, rss_mib)
 
-CONTENDERS = ["trl", "trl-precompute", "ours", "ours-ref-model", "ours-plain-adamw", "ours-separate", "ideal"]
+CONTENDERS = ["trl", "trl-precompute", "ours", "ours-ref-model", "ours-plain-adamw", "ours-separate", "ours-rows-longest",
+              "ideal"]
 LENGTHS = {"equal": ((30, 80), (30, 80)), "short-prompt": ((10, 30), (60, 100)), "long-prompt": ((120, 200), (20, 60))}
 
 
@@ -67,7 +70,10 @@ def parse_args():
     return parser.parse_args()
 
 
-def run_ours(args, path, pairs, with_ref_model, fused=True, separate=False):
+def run_ours(args, path, pairs, with_ref_model, fused=True, separate=False, rows_longest=False):
+    if rows_longest:  # the packing before the row length was chosen: rows as long as the longest group
+        import common
+        common._row_length = max
     policy = load_model(path)
     if separate:  # what common.grouped_logps does for a model that cannot take the shared layout
         policy._prompt_shared = False
@@ -184,6 +190,7 @@ def child(args):
            "ours-ref-model": lambda: run_ours(args, path, pairs, with_ref_model=True),
            "ours-plain-adamw": lambda: run_ours(args, path, pairs, with_ref_model=False, fused=False),
            "ours-separate": lambda: run_ours(args, path, pairs, with_ref_model=False, separate=True),
+           "ours-rows-longest": lambda: run_ours(args, path, pairs, with_ref_model=False, rows_longest=True),
            "ideal": lambda: run_ideal(args, path, pairs)}[args.child]
     losses, ends, first_logps = run()
     times = [b - a for a, b in zip(ends, ends[1:])][args.warmup:]
@@ -253,7 +260,7 @@ def main():
     for c, (step, rate, rss, wall, others) in summary.items():
         print(f"| {c} | {step:.3f} | {rate:.2f} | {rss:.0f} | {rate / ref[1]:.2f}x | {rss / ref[2]:.2f}x | {wall:.1f} | "
               f"{ref[3] / wall:.2f}x | {others:.0%} |")
-    for a, b in [("ours", "trl-precompute"), ("ours", "ours-separate"), ("ideal", "ours")]:
+    for a, b in [("ours", "trl-precompute"), ("ours", "ours-separate"), ("ours", "ours-rows-longest"), ("ideal", "ours")]:
         if a in summary and b in summary:
             print(f"{a} vs {b}: {summary[a][1] / summary[b][1]:.2f}x pairs/s steady, "
                   f"{summary[b][3] / summary[a][3]:.2f}x whole process ({n_pairs} pairs), "

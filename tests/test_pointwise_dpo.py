@@ -22,6 +22,19 @@ def row_logp(model, example, average=True):
     return logps[0] / n[0] if average else logps[0]
 
 
+@pytest.mark.parametrize("average", [True, False])
+def test_rows_sharing_a_prompt_get_the_log_probs_of_each_row_alone(average):
+    """Rows with the same prompt (here interleaved with others) share one copy of it in the batch; each row's
+    log-prob must still be its own, in the rows' order."""
+    model = tiny_llama(seed=4).eval()
+    examples = [EXAMPLES[0], ([5, 6, 7], [12, 0], 0.0, False), EXAMPLES[1], ([5, 6, 7], [14, 15, 16, 17, 0], 1.0, True),
+                EXAMPLES[2], ([5, 9], [13, 14, 0], 1.0, True)]
+    with torch.no_grad():
+        got = pw.example_logps(model, examples, 1, "cpu", average)
+        alone = torch.stack([row_logp(model, e, average) for e in examples])
+    torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("loss_type,ulma,average", [("binary", False, True), ("binary", True, True),
                                                     ("continuous", False, False), ("continuous", True, True)])
 def test_gradient_matches_the_decoupled_formulas(loss_type, ulma, average):
