@@ -1,6 +1,6 @@
 """The family on the toy task: every algorithm at its defaults over seeds, a beta sweep of each, and two figures.
 
-    python scripts/compare.py                       # all of it (about an hour on 2 CPU cores), table on stdout
+    python scripts/compare.py                       # all of it: 30 runs, about 20 minutes on 2 CPU cores
     python scripts/compare.py --only dpo            # one algorithm's row (and its sweep): a few minutes
     python scripts/compare.py --only dice --no-sweep --seeds 0
     python scripts/compare.py --dir runs/compare    # runs already finished there are read, not rerun
