@@ -60,9 +60,9 @@ def test_every_script_takes_the_shared_flags_with_the_same_names_types_and_meani
         if name != "resume":
             assert getattr(args, name) == (True if kind is bool else kind(value)), name
     assert m.parse_args(["--max-steps", "7", "--learning-rate", "3e-6"]).max_steps == 7  # the dashed spelling too
-    # a flag's choices are the same everywhere (the dtypes)
-    assert fields["dtype"].metadata.get("choices") == dataclasses.fields(module("dpo.py").Args)[
-        [f.name for f in dataclasses.fields(module("dpo.py").Args)].index("dtype")].metadata.get("choices")
+    dpo_fields = {f.name: f for f in dataclasses.fields(module("dpo.py").Args)}
+    for name in SHARED_FLAGS:  # the same choices everywhere (the dtypes)
+        assert fields[name].metadata.get("choices") == dpo_fields[name].metadata.get("choices"), name
 
 
 def sections(script):
