@@ -7,6 +7,7 @@
 3. `load_model` / `load_tokenizer` / `load_rows`: hub id or local path, with clear errors on bad data.
 """
 import atexit
+import contextlib
 import hashlib
 import json
 import os
@@ -683,6 +684,15 @@ def _generate(model, kwargs):
 # Under `torchrun --nproc_per_node=N script.py ...` each process (rank) holds a share of each batch; the policy is
 # wrapped in DDP (a full copy a rank, gradients averaged) or sharded with FSDP2 (each rank a 1/N slice of every
 # parameter, gradient and optimizer state; a decoder layer's full weights gathered just before it runs).
+def _leave_process_group():
+    """At exit, every rank together: a rank that tears its process group down while another still sends to it can
+    abort at exit (gloo: "terminate called without an active exception", seen once in a run of the tests)."""
+    import torch.distributed as dist
+    with contextlib.suppress(Exception):  # a rank that failed: the others are being stopped by torchrun
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def init_distributed(args):
     """(rank, world_size, device) of this process; under torchrun also the process group (NCCL on CUDA, gloo on
     CPU) and this rank's GPU. torchrun gives each rank one CPU thread unless OMP_NUM_THREADS is set (more threads
@@ -698,7 +708,7 @@ def init_distributed(args):
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device != "cpu" else "gloo", device_id=torch.device(device) if device != "cpu" else None)
-    atexit.register(dist.destroy_process_group)
+    atexit.register(_leave_process_group)
     if dist.get_rank() > 0:
         sys.stdout = sys.stderr = open(os.devnull, "w")
         sys.excepthook = lambda *error: traceback.print_exception(*error, file=sys.__stderr__)
