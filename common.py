@@ -358,20 +358,22 @@ def _first_fit_decreasing(sizes, T):
     return rows
 
 
-def _row_length(sizes):
-    """The row length, among 16 from the longest group's to twice that, whose first-fit packing has the fewest
-    positions (rows x length): for batches of 8-32 pairs of 90-240 tokens padding falls from about 20% (rows as
-    long as the longest group) to about 5%, for about 1.4x the attention."""
+def _pack(sizes, row_tokens=None):
+    """(T, rows): the groups packed first fit into rows of T tokens. T is row_tokens (at least the longest group),
+    or else the length, among 17 from the longest group's to twice that, whose packing has the fewest positions
+    (rows x T): for batches of 8-32 pairs of 90-240 tokens padding falls from about 20% (rows as long as the
+    longest group) to about 5%, for about 1.4x the attention."""
     longest = max(sizes)
-    lengths = sorted({longest + longest * k // 16 for k in range(17)})
-    return min(lengths, key=lambda T: (len(_first_fit_decreasing(sizes, T)) * T, T))
+    lengths = [max(row_tokens, longest)] if row_tokens else sorted({longest + longest * k // 16 for k in range(17)})
+    packings = [(T, _first_fit_decreasing(sizes, T)) for T in lengths]
+    return min(packings, key=lambda packing: (len(packing[1]) * packing[0], packing[0]))
 
 
 def collate_shared(groups, pad_token_id, row_tokens=None):
     """groups: [(prompt_ids, [response_ids, ...])] -> a batch for `sequence_logps` in which each prompt is
     computed once: a group is its prompt followed by its responses, and each response sees the prompt and
     itself, never another response (Wang & Hegde 2024, "Accelerating DPO with Prefix Sharing"). Groups are
-    packed into rows of row_tokens tokens (default: `_row_length`, the length between the longest group's and
+    packed into rows of row_tokens tokens (default: `_pack`'s choice, the length between the longest group's and
     twice that with the fewest positions in all), first fit in decreasing length. Position ids restart at each response
     where its prompt ends. The attention mask is 4D (R, 1, T, T) bool; two groups P1 C1 R1 | P2 C2 R2 in a row:
 
@@ -390,8 +392,7 @@ def collate_shared(groups, pad_token_id, row_tokens=None):
     per response, flat in group order, as `collate` gives them for the rows [(p, r) for p, rs in groups for r in rs]),
     and token_index, where each response token is (flat over rows and positions)."""
     sizes = [len(p) + sum(map(len, rs)) for p, rs in groups]
-    T = max(int(row_tokens or 0), max(sizes)) if row_tokens else _row_length(sizes)
-    rows = _first_fit_decreasing(sizes, T)  # the groups in each row
+    T, rows = _pack(sizes, row_tokens)  # rows: the groups in each row
     R = len(rows)
     input_ids = torch.full((R, T), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros(R, T, dtype=torch.long)

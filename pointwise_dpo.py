@@ -189,14 +189,13 @@ def pointwise_loss(policy_logps, reference_logps, z, positive, beta, c=0.0, loss
 def example_logps(model, examples, pad_token_id, device, average=True):
     """Log-probs of each row's response, per-token means (the authors') or sums, in one forward pass: (B,). Rows
     with the same prompt share one copy of it, and rows are packed without padding (common.grouped_logps)."""
-    groups, at = {}, []  # prompt -> its responses; each row's (prompt, index among that prompt's responses)
-    for p, r, _, _ in examples:
-        at.append((tuple(p), len(groups.setdefault(tuple(p), []))))
-        groups[tuple(p)].append(r)
-    first = dict(zip(groups, torch.tensor([0] + [len(rs) for rs in groups.values()]).cumsum(0).tolist()))
-    logps, n_tokens = grouped_logps(model, [(list(p), rs) for p, rs in groups.items()], pad_token_id, device)
-    order = torch.tensor([first[p] + j for p, j in at], device=logps.device)  # back to the rows' order
-    logps, n_tokens = logps[order], n_tokens[order]  # (B,), (B,)
+    groups = {}  # prompt -> [(row, response)], the prompts in order of first appearance
+    for i, (p, r, _, _) in enumerate(examples):
+        groups.setdefault(tuple(p), []).append((i, r))
+    logps, n_tokens = grouped_logps(model, [(list(p), [r for _, r in rows]) for p, rows in groups.items()],
+                                    pad_token_id, device)  # (B,), (B,) in group order
+    back = torch.tensor([i for rows in groups.values() for i, _ in rows], device=logps.device).argsort()
+    logps, n_tokens = logps[back], n_tokens[back]  # in the rows' order
     return logps / n_tokens if average else logps  # (B,)
 
 

@@ -15,7 +15,7 @@ with the order rotated each round; a process waits for the shared machine to be 
     ours-separate    dpo.py's default with each response in a row of its own, its prompt copied (the layout
                      before common.grouped_logps), to show what computing each prompt once is worth
     ours-rows-longest dpo.py's default with rows as long as the step's longest pair (the packing before
-                     common._row_length chose the row length), to show what that choice is worth
+                     common._pack chose the row length), to show what that choice is worth
     ideal            not a trainer: the forward and backward of the step's unique tokens only (each prompt
                      once, no padding, plain causal attention, no mask), as many tokens scored by the LM
                      head as the pairs' responses have, and the same optimizer step; the floor for any layout
@@ -73,7 +73,8 @@ def parse_args():
 def run_ours(args, path, pairs, with_ref_model, fused=True, separate=False, rows_longest=False):
     if rows_longest:  # the packing before the row length was chosen: rows as long as the longest group
         import common
-        common._row_length = max
+        pack = common._pack
+        common._pack = lambda sizes, row_tokens=None: pack(sizes, row_tokens or max(sizes))
     policy = load_model(path)
     if separate:  # what common.grouped_logps does for a model that cannot take the shared layout
         policy._prompt_shared = False
