@@ -192,15 +192,18 @@ def _model_inputs(model, batch):
     return inputs
 
 
-def grouped_scores(model, groups, pad_token_id, device):
+def grouped_scores(model, groups, pad_token_id, device, alone=False):
     """(K,) fp32 scores of a sequence classifier with one output (a reward model) for every response of every
     (prompt_ids, [response_ids, ...]) group, flat in group order, read where the model's own class reads them:
     at the last token that is not the pad token. Each prompt is computed once (`collate_shared`; the score head
     runs on one hidden state a response), unless the model does not give the same scores that way (checked on
-    the first call, once per model; one line says so): then one response a row, the model's own forward."""
+    the first call, once per model; one line says so): then one response a row, the model's own forward.
+    Under torchrun every rank calls it, unless alone=True: a model that one process uses by itself (a judge on
+    rank 0), whose first call then decides for it without asking the other ranks."""
     shared = getattr(model, "_scores_shared", None)
     if shared is None:  # under torchrun, the same answer on every rank
-        shared = model._scores_shared = agree(not _shared_scores_work(model, groups[:2], pad_token_id, device)) == [0.0]
+        works = _shared_scores_work(model, groups[:2], pad_token_id, device)
+        shared = model._scores_shared = works if alone else agree(not works) == [0.0]
     return (_shared_scores if shared else _separate_scores)(model, groups, pad_token_id, device)
 
 

@@ -40,6 +40,8 @@ whole run: one more set of weights (2 bytes a parameter in bf16), with no gradie
 about a quarter of what the trained policy needs with AdamW. Each step scores the step's samples with it once
 (no grad), which also gives the implicit reward of --labels self. The discriminator is a third model with its
 own AdamW (its weights, gradients and optimizer state; --disc_model can be much smaller than the policy).
+The discriminator and a reward-model judge read a pair's two rows with their common beginning (the prompt) once
+(`score_pairs`, `common.grouped_scores`); the judge labels a step's pairs in one batch.
 
 Deviations from the paper and the authors' code:
 1. One process: sampling, labelling, the discriminator and the policy update run in turn (the authors run two
@@ -82,8 +84,8 @@ from tqdm import tqdm
 
 from common import (agree, check_rows, clip_grad_norm_, crash_point, disable_dropout, encode_prompt, encode_response,
                     fingerprint, from_pretrained, full_state, gather_objects, gather_shares, grouped_logps,
-                    init_distributed, is_main, load_model, load_model_state, load_optimizer_state, load_rows,
-                    load_tokenizer, mean_over_ranks, my_share, on_rank_0, parallelize, prompt_head_length,
+                    grouped_scores, init_distributed, is_main, load_model, load_model_state, load_optimizer_state,
+                    load_rows, load_tokenizer, mean_over_ranks, my_share, on_rank_0, parallelize, prompt_head_length,
                     report_dropped, sample_responses, sync_gradients, this_rank, through_wrapper, truncate, world_size)
 
 
@@ -271,16 +273,41 @@ def scalar_scores(model, rows, pad_token_id, device):
     return through_wrapper(model, forward)[:, 0].float()  # (B,); under torchrun inside the DDP/FSDP2 wrapper
 
 
+def prefix_groups(row_pairs):
+    """[(row_a, row_b)] -> [(their common beginning, [the rest of a, the rest of b])], each rest at least one token
+    long (common.grouped_scores' groups); None if some pair's rows differ in their first token."""
+    groups = []
+    for a, b in row_pairs:
+        n = 0
+        while n < min(len(a), len(b)) - 1 and a[n] == b[n]:
+            n += 1
+        if n == 0:
+            return None
+        groups.append((a[:n], [a[n:], b[n:]]))
+    return groups
+
+
+def pair_scores(model, row_pairs, pad_token_id, device, alone=False):
+    """(B, 2) scores of [(row_a, row_b)] in one forward pass of the classifier, the pairs' common beginnings (their
+    prompts) computed once (common.grouped_scores); row by row if some pair has none. With gradients if enabled."""
+    groups = prefix_groups(row_pairs)
+    if groups is None:
+        return scalar_scores(model, [r for pair in row_pairs for r in pair], pad_token_id, device).view(-1, 2)
+    return grouped_scores(model, groups, pad_token_id, device, alone).view(-1, 2)
+
+
 @torch.no_grad()
-def score_rows(model, rows, pad_token_id, device, batch_size):
-    """(N,) discriminator (or reward model) scores of token-id rows, in eval mode, batch_size rows at a time. Under
-    torchrun each rank scores its share of the rows and every rank gets all scores."""
-    was_training, mine = model.training, [rows[i] for i in my_share(len(rows))]
+def score_pairs(model, row_pairs, pad_token_id, device, batch_size, alone=False):
+    """(P, 2) scores of [(row_a, row_b)] token-id rows (`pair_scores`), in eval mode, batch_size rows a forward pass.
+    Under torchrun each rank scores its share of the pairs and every rank gets all; alone=True: this process
+    scores them all by itself (the judge, which rank 0 asks alone)."""
+    was_training, mine = model.training, row_pairs if alone else [row_pairs[i] for i in my_share(len(row_pairs))]
     model.eval()
-    out = torch.cat([torch.zeros(0)] + [scalar_scores(model, mine[s:s + batch_size], pad_token_id, device).cpu()
-                                        for s in range(0, len(mine), batch_size)])
+    per = max(1, batch_size // 2)
+    out = torch.cat([torch.zeros(0, 2)] + [pair_scores(model, mine[s:s + per], pad_token_id, device, alone).cpu()
+                                           for s in range(0, len(mine), per)])
     model.train(was_training)
-    return gather_shares(out, len(rows))
+    return out if alone else gather_shares(out, len(row_pairs))
 
 
 def train_discriminator(model, optimizer, pairs, args, pad_token_id, device, generator):
@@ -290,9 +317,8 @@ def train_discriminator(model, optimizer, pairs, args, pad_token_id, device, gen
     for _ in range(args.disc_epochs):
         total = 0.0
         for batch in torch.randperm(len(pairs), generator=generator).split(args.disc_batch_size):
-            chosen_rows, rejected_rows = zip(*[pairs[i] for i in batch.tolist()])
-            scores = scalar_scores(model, [*chosen_rows, *rejected_rows], pad_token_id, device)  # (2b,)
-            loss = bradley_terry_loss(scores[:len(batch)], scores[len(batch):]).mean()  # every rank the same batch
+            scores = pair_scores(model, [pairs[i] for i in batch.tolist()], pad_token_id, device)  # (b, 2)
+            loss = bradley_terry_loss(scores[:, 0], scores[:, 1]).mean()  # every rank the same batch
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -353,7 +379,8 @@ def toy_gold(seed):
 
 def reward_model_gold(name, args, device):
     """A Hugging Face sequence-classification reward model with one output as the judge: the higher score wins
-    (equal scores are a tie). Chat prompts are rendered with its tokenizer's chat template."""
+    (equal scores are a tie). Chat prompts are rendered with its tokenizer's chat template. `ask.prepare(pairs)`
+    scores a step's pairs in batches of --sample_batch_size rows; `ask(pair)` then returns the pair's verdict."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
     config = from_pretrained(AutoConfig, name, "a reward model's config", trust_remote_code=args.trust_remote_code)
     architectures = config.architectures or []
@@ -365,15 +392,26 @@ def reward_model_gold(name, args, device):
                             dtype=torch_dtype(args.dtype, device)).to(device).eval()
     model.config.pad_token_id = tokenizer.pad_token_id
 
-    def ask(pair):
+    def rows(pair):
         if isinstance(pair["raw_prompt"], list) and tokenizer.chat_template:
             texts = [tokenizer.apply_chat_template(pair["raw_prompt"] + [{"role": "assistant", "content": pair[k]}],
                                                    tokenize=False) for k in ("a", "b")]
-            rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        else:
-            rows = [tokenizer(pair["prompt"] + pair[k])["input_ids"] for k in ("a", "b")]
-        score_a, score_b = score_rows(model, rows, tokenizer.pad_token_id, device, 2).tolist()
-        return "a" if score_a > score_b else "b" if score_b > score_a else "tie"
+            return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        return [tokenizer(pair["prompt"] + pair[k])["input_ids"] for k in ("a", "b")]
+
+    verdicts = {}  # pair key -> "a", "b" or "tie", of the pairs prepared last
+
+    def prepare(pairs):  # the judge runs on rank 0 alone
+        scores = score_pairs(model, [rows(pair) for pair in pairs], tokenizer.pad_token_id, device,
+                             args.sample_batch_size, alone=True).tolist()
+        verdicts.clear()
+        verdicts.update({pair["key"]: "a" if a > b else "b" if b > a else "tie" for pair, (a, b) in zip(pairs, scores)})
+
+    def ask(pair):
+        if pair["key"] not in verdicts:
+            prepare([pair])
+        return verdicts[pair["key"]]
+    ask.prepare = prepare
     return ask
 
 
@@ -416,6 +454,10 @@ def collect_gold(ask, log, pairs, budget, meta):
     asked and appended to the log at once, while the charged labels on disk stay within `budget`. Returns the
     labels of the pairs it could label (a prefix of `pairs`) and how many of them were asked now."""
     labels, asked = [], 0
+    if hasattr(ask, "prepare"):  # a judge that labels many pairs at once (a reward model), each label charged
+        todo = [pair for pair in pairs if log.get(pair["key"]) is None][:max(0, budget - log.charged)]
+        if todo:
+            ask.prepare(todo)
     for pair in pairs:
         row = log.get(pair["key"])
         if row is None:
@@ -918,7 +960,7 @@ def main(argv=None):
                     labels, _ = gold_on_rank_0(ask, gold_log, items, args.gold_budget, {"step": 0, "window": 0})
                     window["gold_used"] = sum(label != "skip" for label in labels)
                     rows = [(to_disc(ids, a), to_disc(ids, b)) for (_, ids), a, b in zip(batch, responses_a, responses_b) if a != b]
-                    scores = score_rows(discriminator, [r for pair in rows for r in pair], disc_pad, device, args.sample_batch_size).view(-1, 2)
+                    scores = score_pairs(discriminator, rows, disc_pad, device, args.sample_batch_size)  # (n, 2)
                     window.update(pairs=[{"chosen": rows[i][label == "b"], "rejected": rows[i][label == "a"],
                                           "score_chosen": scores[i, int(label == "b")].item(),
                                           "score_rejected": scores[i, int(label == "a")].item()}
@@ -949,8 +991,8 @@ def main(argv=None):
 
                     # silver scores s(x, y_a), s(x, y_b): the discriminator, or the policy's implicit reward
                     if discriminator is not None:
-                        rows = [to_disc(ids, r) for ids, pair in groups for r in pair]
-                        scores = score_rows(discriminator, rows, disc_pad, device, args.sample_batch_size).view(-1, 2)  # (P, 2)
+                        rows = [(to_disc(ids, a), to_disc(ids, b)) for ids, (a, b) in groups]
+                        scores = score_pairs(discriminator, rows, disc_pad, device, args.sample_batch_size)  # (P, 2)
                     elif args.labels == "self":
                         scores = args.beta * (response_logps(policy, groups, tokenizer.pad_token_id, device,
                                                              args.sample_batch_size).view(-1, 2) - reference_logps)  # (P, 2)

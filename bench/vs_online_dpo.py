@@ -14,11 +14,11 @@ update (beta 0.05) on the P pairs ordered by the judge:
     ours              d2po.py --labels gold --gold rm:<the reward model>: online DPO where every pair is gold-labelled
                       by the reward model, made of d2po.py's own functions (sample_pairs, response_logps,
                       reward_model_gold, collect_gold with its GoldLog, gold_candidates, pair_order, pair_logps,
-                      dpo_loss, dpo_metrics) in its loop's order: the judge is asked pair by pair (two rows a
-                      forward pass) and each label is appended to gold.jsonl and fsync'ed, as for any gold source
-    ours-batched      the same step with the 2P samples scored by the reward model in one batch (d2po.py's
-                      score_rows, as it scores with the discriminator) and the labels written as before: what
-                      batching the reward-model judge is worth (not in d2po.py: the fix in bench/README.md)
+                      dpo_loss, dpo_metrics) in its loop's order: the judge scores the step's P pairs in one batch,
+                      each pair's prompt once (score_pairs), and each label is appended to gold.jsonl and
+                      fsync'ed, as for any gold source
+    ours-separate     the same step with the judge as d2po.py asked it before: pair by pair, each pair's two rows
+                      with a prompt each (two rows a forward pass): what the shared prompt and the batch are worth
     d2po              d2po.py --labels d2po, a window step: the discriminator (a sequence classifier on the
                       policy's weights with a fresh head, as by default) scores the 2P samples, the judge labels
                       the P least-confident pairs (all of them: a window's 16 gold labels outnumber P), the
@@ -58,7 +58,7 @@ import time
 from synthetic import (CPU, PAD, VOCAB, build_model, build_reward_model, load_model, make_pairs, median, n_params,
                        peak_rss_mib, quietly, rss_mib, tick)
 
-CONTENDERS = ["trl", "ours", "ours-batched", "d2po"]
+CONTENDERS = ["trl", "ours", "ours-separate", "d2po"]
 PHASES = ["sample", "reference", "disc_score", "judge", "disc_train", "update"]
 TEMP_PREFIX = "online-bench-"
 
@@ -87,13 +87,14 @@ def prompt_text(ids):
 
 # ---------------------------------------------------------------- ours: d2po.py's step
 def run_ours(args, lm, rm, prompts, mode):
-    """mode: "gold" (--labels gold --gold rm:rm), "batched" (the same, the judge scoring the step in one batch),
-    "d2po" (--labels d2po, a window step). Returns losses, step ends, phase times per step, step-1 details."""
+    """mode: "gold" (--labels gold --gold rm:rm), "separate" (the same, the judge asked pair by pair, a row for each
+    response), "d2po" (--labels d2po, a window step). Returns losses, step ends, phase times per step, step-1 details."""
     import torch
     from types import SimpleNamespace
+    import d2po
     from d2po import (GoldLog, close_window, collect_gold, dpo_loss, dpo_metrics, gold_candidates, load_discriminator,
                       new_window_state, pair_logps, pair_order, response_logps, reward_model_gold, sample_pairs,
-                      score_rows)
+                      score_pairs)
     from common import clip_grad_norm_, load_tokenizer, my_share
     P = args.prompts
     d2 = SimpleNamespace(model=lm, disc_model=None, dtype="float32", trust_remote_code=False, max_new_tokens=args.max_new_tokens,
@@ -103,12 +104,10 @@ def run_ours(args, lm, rm, prompts, mode):
     policy = load_model(lm)
     policy.generation_config.min_new_tokens = args.max_new_tokens  # every sample exactly max_new_tokens long
     reference = load_model(lm).eval().requires_grad_(False)  # d2po.py's pi_0: a frozen copy
-    if mode == "batched":  # the judge loaded as reward_model_gold loads it, asked once for the whole step
-        from transformers import AutoModelForSequenceClassification
-        judge_model = AutoModelForSequenceClassification.from_pretrained(rm, dtype=torch.float32).eval()
-        judge_model.config.pad_token_id = PAD
-    else:
-        ask = reward_model_gold(rm, d2, "cpu")  # the judge, --gold rm:<rm>
+    ask = reward_model_gold(rm, d2, "cpu")  # the judge, --gold rm:<rm>
+    if mode == "separate":  # the judge as before: no batch (ask without .prepare), no common prompts (a row each)
+        d2po.prefix_groups = lambda row_pairs: None
+        ask = lambda pair, ask=ask: ask(pair)
     discriminator = disc_optimizer = None
     if mode == "d2po":
         discriminator, _ = load_discriminator(d2, "cpu")
@@ -137,24 +136,16 @@ def run_ours(args, lm, rm, prompts, mode):
         eligible = torch.tensor([a != b for a, b in zip(responses_a, responses_b)])  # (P,)
         lap("reference")
         if discriminator is not None:
-            rows = [(ids + r)[-d2.max_length:] for ids, pair in groups for r in pair]
-            scores = score_rows(discriminator, rows, PAD, "cpu", d2.sample_batch_size).view(-1, 2)  # (P, 2)
+            rows = [((ids + a)[-d2.max_length:], (ids + b)[-d2.max_length:]) for ids, (a, b) in groups]
+            scores = score_pairs(discriminator, rows, PAD, "cpu", d2.sample_batch_size)  # (P, 2)
         else:
             scores = torch.zeros(P, 2)
         margins = scores[:, 0] - scores[:, 1]
         lap("disc_score")
         chosen = gold_candidates(margins, eligible, P if mode != "d2po" else d2.gold_per_window, "conf",
                                  torch.Generator().manual_seed(step + 1))
-        if mode == "batched":  # the judge's scores of the whole step in one batch; labels written one by one
-            judged = score_rows(judge_model, [ids + r for ids, pair in groups for r in pair], PAD, "cpu",
-                                d2.sample_batch_size).view(-1, 2)
-            verdict = {items[i]["key"]: "a" if judged[i, 0] > judged[i, 1] else "b" if judged[i, 1] > judged[i, 0] else "tie"
-                       for i in chosen}
-            labels, _ = collect_gold(lambda pair: verdict[pair["key"]], gold_log, [items[i] for i in chosen], d2.gold_budget,
-                                     {"step": step + 1, "window": None})
-        else:
-            labels, _ = collect_gold(ask, gold_log, [items[i] for i in chosen], d2.gold_budget,
-                                     {"step": step + 1, "window": 1 if mode == "d2po" else None})
+        labels, _ = collect_gold(ask, gold_log, [items[i] for i in chosen], d2.gold_budget,
+                                 {"step": step + 1, "window": 1 if mode == "d2po" else None})
         gold = dict(zip(chosen, labels))
         lap("judge")
         if mode == "d2po":  # the window's gold is spent: accuracy on it, then the discriminator trains on it
@@ -300,7 +291,7 @@ def child(args):
     prompts = [(prompt_text(p), p) for p, _, _ in make_pairs(VOCAB[args.model], n, 0)]
     run = {"trl": lambda: run_trl(args, lm, rm, prompts),
            "ours": lambda: run_ours(args, lm, rm, prompts, "gold"),
-           "ours-batched": lambda: run_ours(args, lm, rm, prompts, "batched"),
+           "ours-separate": lambda: run_ours(args, lm, rm, prompts, "separate"),
            "d2po": lambda: run_ours(args, lm, rm, prompts, "d2po")}[args.child]
     losses, ends, phases, first = run()
     times = [b - a for a, b in zip(ends, ends[1:])][args.warmup:]
@@ -373,7 +364,7 @@ def main():
     for c, (step, rate, rss, wall, others, cpu) in summary.items():
         print(f"| {c} | {step:.3f} | {rate:.2f} | {rss:.0f} | {rate / ref[1]:.2f}x | {rss / ref[2]:.2f}x | {wall:.1f} | "
               f"{ref[3] / wall:.2f}x | {others:.0%} | {cpu:.3f} | {ref[5] / cpu:.2f}x |")
-    for a in [c for c in ("ours", "ours-batched") if c in summary and c != base]:
+    for a in [c for c in ("ours", "ours-separate") if c in summary and c != base]:
         print(f"{a} vs {base}: {summary[a][1] / summary[base][1]:.2f}x pairs/s steady ({summary[base][5] / summary[a][5]:.2f}x in CPU time), {summary[base][3] / summary[a][3]:.2f}x "
               f"whole process ({(args.warmup + args.steps) * P} pairs), {summary[a][2] / summary[base][2]:.2f}x peak RSS")
 

@@ -15,6 +15,13 @@ gold order on the toy's pairs), and each spends at most the budget B:
   the discriminator never updated, 126 steps on its silver labels);
 - offline DPO: `python dpo.py` on B of the toy's annotated pairs of SFT samples (a seeded draw), with dpo.py's toy
   settings (2 epochs, lr 1e-4, beta 0.1, 16 pairs a step).
+Two more methods, not run by default (`--methods`), start the discriminator from a reward model trained beforehand,
+as the paper's discriminator starts from one trained on a small gold set: `--disc_model` set to the Bradley-Terry
+teacher that `python distilled_dpo.py --objective distill --length_bias 0 --seed S` trains from the SFT model on a
+bootstrap resample of the toy's 1,920 annotated training pairs (the annotator's labels; these are not counted in
+the budget, and offline DPO on all of them is the README's family comparison):
+- D2PO, pretrained discriminator: D2PO's command with --disc_model;
+- static, pretrained discriminator: the static discriminator's command with --disc_model.
 Every final model is then scored here the same way: gold reward, length and KL(policy || SFT) of one sample per
 test prompt (512 prompts, sampled with seed S). The table gives mean and standard deviation over the seeds; the
 plot (gold reward against gold labels used, the mean over seeds) goes to scripts/d2po_toy.svg.
@@ -34,7 +41,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SLUGS = {"D2PO": "d2po", "online DPO, gold only": "online", "online DPO, gold only, 8 updates a step": "online8",
          "static discriminator": "static", "offline DPO": "offline"}  # method -> the name of its runs' directories
-METHODS = tuple(SLUGS)
+METHODS = tuple(SLUGS)  # the default set, in the plot
+PRETRAINED = {"D2PO, pretrained discriminator": "D2PO", "static, pretrained discriminator": "static discriminator"}
+SLUGS.update({"D2PO, pretrained discriminator": "d2po_pre", "static, pretrained discriminator": "static_pre"})
 
 
 def run(command, out):
@@ -52,7 +61,17 @@ def run(command, out):
     return time.time() - start
 
 
+def teacher(seed, work):
+    """distilled_dpo.py's run that trains the pretrained discriminator of this seed (one step of distillation after
+    it, which is not used), and where the discriminator is."""
+    out = os.path.join(work, f"teacher-{seed}")
+    return ["distilled_dpo.py", "--objective", "distill", "--length_bias", "0", "--seed", str(seed), "--max_steps", "1"], \
+        out, os.path.join(out, "reward_model_0")
+
+
 def command(method, seed, budget, work, toy_dir):
+    if method in PRETRAINED:
+        return command(PRETRAINED[method], seed, budget, work, toy_dir) + ["--disc_model", teacher(seed, work)[2]]
     if method == "D2PO":
         return ["d2po.py", "--seed", str(seed), "--gold_budget", str(budget), "--initial_gold", str(min(32, budget // 2))]
     if method.startswith("online DPO, gold only"):
@@ -112,7 +131,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budgets", type=int, nargs="+", default=[64, 256], help="gold labels per run")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(SLUGS))
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--dir", default=None, help="where the runs go (default: a new temporary directory)")
     args = parser.parse_args()
@@ -124,6 +143,8 @@ def main():
     jobs = [(m, s, b) for b in args.budgets for s in args.seeds for m in args.methods]
     name = lambda m, s, b: os.path.join(work, f"{SLUGS[m]}-{b}-{s}")
     with ThreadPoolExecutor(args.jobs) as pool:
+        if set(args.methods) & set(PRETRAINED):  # the pretrained discriminators first, one a seed
+            list(pool.map(lambda s: run(*teacher(s, work)[:2]), args.seeds))
         seconds = dict(zip(jobs, pool.map(lambda j: run(command(*j, work, toy_dir), name(*j)), jobs)))
     table = {}
     for m, s, b in jobs:

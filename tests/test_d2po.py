@@ -38,14 +38,37 @@ def sequence_classifier(seed=0):
     return LlamaForSequenceClassification(config).eval()
 
 
-def test_scores_are_the_head_on_the_last_real_token_and_do_not_depend_on_padding():
+def alone(model, row):
+    """The score head on a row's last hidden state, the row alone in its batch: no padding, no other row."""
+    with torch.no_grad():
+        return (model.score.weight @ model.model(input_ids=torch.tensor([row])).last_hidden_state[0, -1]).item()
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["common-prompt", "no-common-beginning"])
+def test_pair_scores_are_the_head_on_each_rows_last_real_token_alone(shared):
+    """score_pairs reads each pair's two rows with their common beginning once (or row by row when a pair has
+    none); every score must be the model's on that row alone, whatever the batch size."""
     model = sequence_classifier()
-    rows = [[5, 6, 7, 8, 9, 10], [11, 12, 2], [13, 14, 15, 16]]
-    scores = d2po.score_rows(model, rows, 1, "cpu", batch_size=3)
-    for row, score in zip(rows, scores.tolist()):
-        hidden = model.model(input_ids=torch.tensor([row])).last_hidden_state[0, -1]  # alone: no padding at all
-        assert score == pytest.approx((model.score.weight @ hidden).item(), abs=1e-5)
-    assert scores.tolist() == pytest.approx(d2po.score_rows(model, rows, 1, "cpu", batch_size=1).tolist(), abs=1e-5)
+    pairs = [([5, 6, 7, 8, 9, 10], [5, 6, 7, 20, 21]), ([11, 12, 2], [11, 12, 30, 31, 32, 33, 34]),
+             ([13, 14, 15, 16], [13, 14, 15, 16, 17]), ([40, 41], [40, 42]), ([50, 51, 52], [50, 51, 52])]
+    if not shared:
+        pairs.append(([60, 61, 62], [63, 61, 62]))  # no common first token: every pair row by row
+    assert (d2po.prefix_groups(pairs) is None) != shared
+    expected = [[alone(model, a), alone(model, b)] for a, b in pairs]
+    for batch_size in (2, 4, 64):
+        scores = d2po.score_pairs(model, pairs, 1, "cpu", batch_size)
+        assert scores.shape == (len(pairs), 2)
+        assert scores.tolist() == [pytest.approx(e, abs=1e-5) for e in expected]
+
+
+def test_prefix_groups_keep_every_row_whole_and_every_rest_nonempty():
+    pairs = [([1, 2, 3], [1, 2, 3]), ([1, 2], [1, 2, 3, 4]), ([7, 8, 9], [7, 5]), ([6, 6, 6, 1], [6, 6, 6, 2, 2])]
+    groups = d2po.prefix_groups(pairs)
+    for (a, b), (p, (ra, rb)) in zip(pairs, groups):
+        assert (p + ra, p + rb) == (a, b) and len(ra) >= 1 and len(rb) >= 1
+    assert [p for p, _ in groups] == [[1, 2], [1], [7], [6, 6, 6]]
+    assert d2po.prefix_groups([([1, 2], [3, 4])]) is None  # no common first token
+    assert d2po.prefix_groups([([4], [4, 4])]) is None  # a one-token row cannot keep a beginning and a rest
 
 
 def test_training_the_discriminator_lowers_its_loss_on_the_gold_pairs_and_keeps_the_optimizer_state():
@@ -54,8 +77,8 @@ def test_training_the_discriminator_lowers_its_loss_on_the_gold_pairs_and_keeps_
     pairs = [([5, 6, 7 + i], [5, 6, 100 + i]) for i in range(8)]  # y_w ends in a low token id, y_l in a high one
 
     def loss():
-        scores = d2po.score_rows(model, [r for p in pairs for r in p], 1, "cpu", 16)
-        return d2po.bradley_terry_loss(scores[0::2], scores[1::2]).mean().item()
+        scores = d2po.score_pairs(model, pairs, 1, "cpu", 16)
+        return d2po.bradley_terry_loss(scores[:, 0], scores[:, 1]).mean().item()
     before = loss()
     args = d2po.Args(disc_epochs=3, disc_batch_size=3)
     d2po.train_discriminator(model, optimizer, pairs, args, 1, "cpu", torch.Generator().manual_seed(0))
@@ -107,6 +130,23 @@ def test_gold_log_counts_charged_labels_reuses_them_and_drops_a_line_cut_by_a_ki
     rows = [json.loads(line) for line in open(path)]
     assert len(rows) == 5 and len({r["key"] for r in rows}) == 5
 
+
+
+def test_a_judge_that_labels_a_batch_is_given_only_the_pairs_the_budget_allows_and_none_on_disk(tmp_path):
+    """A reward-model judge scores a step's pairs in one batch (ask.prepare) before they are asked one by one: it
+    must get the pairs not on disk, no more than the budget has room for, and the labels must be its verdicts."""
+    log = d2po.GoldLog(str(tmp_path / "gold.jsonl"))
+    pairs = [{"key": d2po.GoldLog.key([1], [2 + i], [3 + i]), "prompt": "p", "a": f"a{i}", "b": f"b{i}"} for i in range(6)]
+    verdicts, prepared, asked = {p["key"]: "ab"[i % 2] if i != 3 else "tie" for i, p in enumerate(pairs)}, [], []
+    ask = lambda pair: asked.append(pair["key"]) or verdicts[pair["key"]]
+    ask.prepare = lambda batch: prepared.append([p["key"] for p in batch])
+    labels, n = d2po.collect_gold(ask, log, pairs[:2], budget=5, meta={"step": 1})
+    assert labels == ["a", "b"] and n == 2 and prepared == [[p["key"] for p in pairs[:2]]]
+    labels, n = d2po.collect_gold(ask, log, pairs, budget=5, meta={"step": 2})  # two on disk, room for three more
+    assert labels == ["a", "b", "a", "tie", "a"] and n == 3 and log.charged == 5
+    assert prepared[1] == [p["key"] for p in pairs[2:5]] and asked == [p["key"] for p in pairs[:5]]
+    labels, n = d2po.collect_gold(ask, log, pairs, budget=5, meta={"step": 3})  # the budget is spent
+    assert labels == ["a", "b", "a", "tie", "a"] and n == 0 and len(prepared) == 2
 
 def test_human_labeller_reads_piped_answers_asks_again_on_nonsense_and_stops_at_end_of_input():
     out = io.StringIO()
@@ -254,7 +294,7 @@ def test_a_reward_model_as_gold_prefers_the_response_it_scores_higher(toy_dir, d
     assert len(gold) == 3
     for g in gold:
         rows = [tokenizer(g["prompt"] + g[k])["input_ids"] for k in ("response_a", "response_b")]
-        a, b = d2po.score_rows(judge, rows, tokenizer.pad_token_id, "cpu", 2).tolist()
+        a, b = alone(judge, rows[0]), alone(judge, rows[1])
         assert g["label"] == ("a" if a > b else "b" if b > a else "tie")
 
 

@@ -206,3 +206,30 @@ def test_d2po_resumed_under_fsdp_ends_like_an_uninterrupted_ddp_run_and_asks_eac
     gold = lambda out: [json.loads(line)["key"] for line in open(out / "gold.jsonl")]
     assert len(set(gold(tmp_path / "fsdp"))) == len(gold(tmp_path / "fsdp")) == whole[-1]["gold/used"]
     assert sorted(gold(tmp_path / "fsdp")) == sorted(gold(tmp_path / "ddp"))
+
+
+def test_d2po_asks_a_reward_model_judge_on_rank_0_alone(toy_dir, tmp_path):
+    """The judge lives on rank 0 and scores a step's pairs there by itself (no collective the other ranks would have
+    to join): a run under torchrun finishes, and every label is the judge's order of the pair's two scores."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from common import load_tokenizer
+    tokenizer = load_tokenizer(os.path.join(toy_dir, "sft"))
+    torch.manual_seed(3)
+    judge = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, num_labels=1, pad_token_id=tokenizer.pad_token_id)).eval()
+    judge.save_pretrained(tmp_path / "judge")
+    tokenizer.save_pretrained(tmp_path / "judge")
+    pairs = tmp_path / "pairs.jsonl"
+    with open(os.path.join(toy_dir, "train_pairs.jsonl")) as f:
+        pairs.write_text("".join(f.readlines()[:40]))
+    torchrun("d2po.py", ["--model", os.path.join(toy_dir, "sft"), "--dataset", str(pairs), "--gold", f"rm:{tmp_path / 'judge'}",
+                         "--labels", "gold", "--output_dir", str(tmp_path / "run"), "--batch_size", "3", "--max_new_tokens", "8",
+                         "--max_steps", "2", "--eval_every", "2", "--ddp"])
+    gold = [json.loads(line) for line in open(tmp_path / "run" / "gold.jsonl")]
+    assert len(gold) >= 4  # two steps of 2 x 3 prompts, less pairs of two identical samples
+    for g in gold:
+        with torch.no_grad():
+            a, b = [judge(input_ids=torch.tensor([tokenizer(g["prompt"] + g[k])["input_ids"]])).logits[0, 0].item()
+                    for k in ("response_a", "response_b")]
+        assert g["label"] == ("a" if a > b else "b" if b > a else "tie")
