@@ -650,7 +650,8 @@ _crossings = {}
 def sample_responses(model, tokenizer, prompts, max_new_tokens, temperature=1.0, batch_size=64):
     """One sampled response per prompt (token id lists in, out), batched with the KV cache, left-padded.
     Pure sampling (no top-k / top-p) so that sample log-probs estimate KL without bias. A response
-    ends with EOS when the model finished within max_new_tokens."""
+    ends with EOS when the model finished within max_new_tokens. A prompt that several rows of a batch
+    share (two or K samples of it) is computed once (`_prompt_cache`)."""
     was_training, eos, device = model.training, tokenizer.eos_token_id, next(model.parameters()).device
     model.eval()
     responses = []
@@ -659,28 +660,50 @@ def sample_responses(model, tokenizer, prompts, max_new_tokens, temperature=1.0,
         L = max(map(len, chunk))
         input_ids = torch.tensor([[tokenizer.pad_token_id] * (L - len(p)) + p for p in chunk], device=device)
         attention_mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in chunk], device=device)
+        distinct = {p: i for i, p in reversed(list(enumerate(map(tuple, chunk))))}  # prompt -> its first row
+        first = [distinct[tuple(p)] for p in chunk] if len(distinct) < len(chunk) and L > 1 else None
         out = through_wrapper(model, _generate, model, dict(
             input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=temperature, top_k=0,
-            top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos))
+            top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos), first)
         responses += [row[:row.index(eos) + 1] if eos in row else row for row in out[:, L:].tolist()]
     model.train(was_training)
     return responses
 
 
-def _generate(model, kwargs):
-    """model.generate(**kwargs); under FSDP2 with every layer's full weights gathered once for the whole call
-    (not at each new token), so that ranks whose samples end at different lengths need no collective."""
+def _generate(model, kwargs, first=None):
+    """model.generate(**kwargs), from `_prompt_cache` when rows share prompts (first: each row's first row with its
+    prompt); under FSDP2 with every layer's full weights gathered once for the whole call (not at each new token),
+    so that ranks whose samples end at different lengths need no collective."""
     from torch.distributed.fsdp import FSDPModule
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for unit in units:
         unit.unshard()
         unit.set_reshard_after_forward(False, recurse=False)
     try:
-        return model.generate(**kwargs)
+        cache = None if first is None else _prompt_cache(model, kwargs["input_ids"], kwargs["attention_mask"], first)
+        return model.generate(**kwargs, **({} if cache is None else {"past_key_values": cache}))
     finally:
         for unit in units:
             unit.set_reshard_after_forward(True, recurse=False)
             unit.reshard()
+
+
+def _prompt_cache(model, input_ids, attention_mask, first):
+    """The KV cache of every row's prompt but its last token, from one forward pass over the distinct prompts
+    (the rows `first` names), its entries then repeated for the rows that share them; generate goes on from it with
+    the last token, and draws what it would draw from the whole batch (prefill is compute-bound: two samples a
+    prompt halve it). Position ids as generate numbers left-padded rows. None if the model's cache holds more than
+    keys and values (a recurrent state, as in Mamba hybrids): then generate computes every row."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+    rows = sorted(set(first))
+    mask = attention_mask[rows, :-1]
+    cache = model(input_ids=input_ids[rows, :-1], attention_mask=mask, use_cache=True,
+                  position_ids=(mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)).past_key_values
+    if not getattr(cache, "layers", None) or any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer)
+                                                 for layer in cache.layers):
+        return None
+    cache.batch_select_indices(torch.tensor([rows.index(f) for f in first], device=input_ids.device))
+    return cache
 
 
 # ---------------------------------------------------------------- several processes (torchrun)

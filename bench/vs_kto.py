@@ -109,17 +109,21 @@ def rows_per_step(name, B):
 
 
 # ---------------------------------------------------------------- pointwise_dpo.py's step
-def pointwise_step(policy, optimizer, scheduler, chunk, idx, ref, beta=0.1, c=0.0, max_grad_norm=10.0, average=True):
+def pointwise_step(policy, optimizer, scheduler, chunk, idx, ref, beta=0.1, c=0.0, max_grad_norm=10.0, average=True,
+                   mark=lambda phase: None):
     """One optimizer step of pointwise_dpo.py's training loop with --grad_accum 1, binary labels, made of its own
-    functions. `ref(chunk, idx)` gives the reference log-probs (precomputed or from a frozen model).
+    functions. `ref(chunk, idx)` gives the reference log-probs (precomputed or from a frozen model). `mark(phase)`
+    is called at the end of "forward", "backward" and "step" (memory.py's timeline).
     Returns the step's metrics row and the policy's log-probs of the batch (for the parity check)."""
     import torch
     from pointwise_dpo import example_logps, pointwise_loss, pointwise_metrics, step_metrics, targets
     policy_logps = example_logps(policy, chunk, PAD, "cpu", average)  # (B,)
     reference = ref(chunk, idx)  # (B,)
+    mark("forward")
     z, positive = targets(chunk, "cpu")  # (B,), (B,)
     loss, losses, rewards = pointwise_loss(policy_logps, reference, z, positive, beta, c, "binary", False)
     loss.backward()
+    mark("backward")
     sums = pointwise_metrics(losses, rewards, policy_logps, z, positive, c)
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
     values = torch.stack([loss.detach().double(), grad_norm.double(), *[t for pair in sums.values() for t in pair]]).tolist()
@@ -130,6 +134,7 @@ def pointwise_step(policy, optimizer, scheduler, chunk, idx, ref, beta=0.1, c=0.
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    mark("step")
     return row, policy_logps.detach()
 
 

@@ -149,3 +149,34 @@ def test_reward_model_scores_each_response_as_if_alone(family, pad, capsys):
     assert scores.tolist() == pytest.approx(expected, abs=1e-5)
     assert model._scores_shared == (family != "bloom")
     assert ("does not take a shared-prompt layout" in capsys.readouterr().out) == (family == "bloom")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gpt2", "opt", "cohere", "bloom", "falcon_h1"])
+def test_rows_that_share_a_prompt_draw_what_generate_draws_from_the_whole_batch(family, monkeypatch):
+    """sample_responses computes a prompt that several rows share once and copies its KV cache to those rows.
+    generate's next-token logits from that cache must be those of generate over the whole batch, at every new
+    token, and from the same seed sample_responses must draw the very same tokens."""
+    from types import SimpleNamespace
+    import common
+    model = tiny(family)
+    tokenizer = SimpleNamespace(pad_token_id=1, eos_token_id=0)
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [5, 6, 7, 8, 9], [12, 13, 14], [10, 11], [5, 6, 7, 8, 9]]  # left-padded
+    first = [0, 1, 0, 3, 1, 0]
+    ids = torch.tensor([[1] * (5 - len(p)) + p for p in prompts])
+    mask = (torch.arange(5) >= torch.tensor([5 - len(p) for p in prompts])[:, None]).long()
+    greedy = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=6, pad_token_id=1,
+                  eos_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        cache = common._prompt_cache(model, ids, mask, first)
+        assert (cache is None) == (family == "falcon_h1")  # a Mamba state is not copied: every row computed
+        if cache is not None:
+            whole, shared = model.generate(**greedy), model.generate(**greedy, past_key_values=cache)
+            for a, b in zip(whole.scores, shared.scores):
+                assert torch.allclose(a, b, atol=1e-4)
+    used = []
+    monkeypatch.setattr(common, "_prompt_cache", lambda *a, f=common._prompt_cache: used.append(a[3]) or f(*a))
+    torch.manual_seed(0)
+    drawn = common.sample_responses(model, tokenizer, prompts, 12)
+    monkeypatch.setattr(common, "_prompt_cache", lambda *a: None)
+    torch.manual_seed(0)
+    assert drawn == common.sample_responses(model, tokenizer, prompts, 12) and used == [first]
