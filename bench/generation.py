@@ -1,7 +1,7 @@
 """Sampling throughput (common.sample_responses) and how dpo.py's step time scales with tokens.
 
     python bench/generation.py                  # both parts, about 5 minutes on 2 CPU cores
-    python bench/generation.py --part sampling  # or --part scaling, or --part memory
+    python bench/generation.py --part sampling  # or --part scaling, --part memory, --part shared
 
 1. sampling: samples/s of common.sample_responses batched (one left-padded batch, KV cache) against one prompt
    at a time (batch_size=1, KV cache too), on the toy model (toy.ensure_built(): built once, ~2 minutes) and on
@@ -10,6 +10,11 @@
    fitted as a line (fixed + per sample), and the largest sampling batch that fits in a few memory budgets.
 2. scaling: median time of dpo.py's step (precomputed reference, synthetic.dpo_step) on the 20M model for
    batch sizes x sequence lengths, every sequence exactly that long (prompt and response half each).
+4. shared: common.sample_responses on rows that repeat their prompts (K samples of each of --shared-prompts
+   prompts in one batch, as d2po.py draws 2 and dice.py K), each prompt computed once (common._prompt_cache, the
+   default) against every row computed in full (generate on the whole batch), on the 20M model, every sample
+   exactly --max-new-tokens long; the two alternate, --shared-rounds times each, from the same seed, and must
+   draw the same tokens.
 """
 import argparse
 import json
@@ -24,7 +29,10 @@ from synthetic import (VOCAB, build_model, dpo_optimizer, dpo_step, load_model, 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", default="both", choices=["both", "sampling", "scaling", "memory"], help="what to run")
+    parser.add_argument("--part", default="both", choices=["both", "sampling", "scaling", "memory", "shared"], help="what to run")
+    parser.add_argument("--shared-prompts", type=int, default=8, help="shared: distinct prompts in the batch")
+    parser.add_argument("--shared-k", type=int, nargs="+", default=[2, 4], help="shared: samples per prompt")
+    parser.add_argument("--shared-rounds", type=int, default=5, help="shared: runs of each, alternating")
     parser.add_argument("--memory-batches", type=int, nargs="+", default=[8, 32, 128], help="memory: batch sizes")
     parser.add_argument("--child-batch", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--prompts", type=int, default=64, help="prompts to sample for")
@@ -131,11 +139,49 @@ def memory(args):
         print(f"largest batch in {budget} GiB of RSS: {int((budget * 1024 - loaded - fixed) / slope)}")
 
 
+def shared(args):
+    import common
+    from transformers import AutoTokenizer
+    path = build_model("20M")
+    model, tokenizer = load_model(path).eval(), AutoTokenizer.from_pretrained(path)
+    model.generation_config.min_new_tokens = args.max_new_tokens  # every sample exactly max_new_tokens long
+    prompts = [p for p, _, _ in make_pairs(VOCAB["20M"], args.shared_prompts, seed=1)]
+    once = common._prompt_cache
+    print(f"
+sample_responses, 20M model (fp32), {len(prompts)} prompts of {sum(map(len, prompts)) / len(prompts):.0f} "
+          f"tokens on average, K samples of each in one batch (rows: the prompts, K times over), "
+          f"{args.max_new_tokens} new tokens each; median of {args.shared_rounds} alternating runs
+")
+    print("| K | rows | prompt computed | median s | time vs whole batch | same tokens drawn | others' CPU |")
+    print("|---|---|---|---|---|---|---|")
+    for k in args.shared_k:
+        rows = prompts * k
+        times, drawn = {"once": [], "in every row": []}, {}
+        for _ in range(args.shared_rounds):
+            for mode in times:
+                common._prompt_cache = once if mode == "once" else (lambda *unused: None)
+
+                def run():
+                    torch.manual_seed(0)
+                    start = time.perf_counter()
+                    return common.sample_responses(model, tokenizer, rows, args.max_new_tokens), time.perf_counter() - start
+                (drawn[mode], seconds), others = quietly(run)
+                times[mode].append((seconds, others))
+        common._prompt_cache = once
+        base = median([t for t, _ in times["in every row"]])
+        for mode, runs in times.items():
+            t = median([s for s, _ in runs])
+            print(f"| {k} | {len(rows)} | {mode} | {t:.3f} | {t / base:.2f}x | "
+                  f"{'yes' if drawn['once'] == drawn['in every row'] else 'NO'} | {max(o for _, o in runs):.0%} |", flush=True)
+
+
 def main():
     args = parse_args()
     torch.manual_seed(0)
     if args.part == "memory":
         return memory(args)
+    if args.part == "shared":
+        return shared(args)
     if args.part in ("both", "sampling"):
         sampling(args)
     if args.part in ("both", "scaling"):
