@@ -31,7 +31,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--part", default="both", choices=["both", "sampling", "scaling", "memory", "shared"], help="what to run")
     parser.add_argument("--shared-prompts", type=int, default=8, help="shared: distinct prompts in the batch")
-    parser.add_argument("--shared-k", type=int, nargs="+", default=[2, 4], help="shared: samples per prompt")
+    parser.add_argument("--shared-k", type=int, nargs="+", default=[2, 16], help="shared: samples per prompt (d2po.py: 2, dice.py: 16)")
     parser.add_argument("--shared-rounds", type=int, default=5, help="shared: runs of each, alternating")
     parser.add_argument("--memory-batches", type=int, nargs="+", default=[8, 32, 128], help="memory: batch sizes")
     parser.add_argument("--child-batch", type=int, default=None, help=argparse.SUPPRESS)
