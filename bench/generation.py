@@ -147,11 +147,9 @@ def shared(args):
     model.generation_config.min_new_tokens = args.max_new_tokens  # every sample exactly max_new_tokens long
     prompts = [p for p, _, _ in make_pairs(VOCAB["20M"], args.shared_prompts, seed=1)]
     once = common._prompt_cache
-    print(f"
-sample_responses, 20M model (fp32), {len(prompts)} prompts of {sum(map(len, prompts)) / len(prompts):.0f} "
+    print(f"\nsample_responses, 20M model (fp32), {len(prompts)} prompts of {sum(map(len, prompts)) / len(prompts):.0f} "
           f"tokens on average, K samples of each in one batch (rows: the prompts, K times over), "
-          f"{args.max_new_tokens} new tokens each; median of {args.shared_rounds} alternating runs
-")
+          f"{args.max_new_tokens} new tokens each; median of {args.shared_rounds} alternating runs\n")
     print("| K | rows | prompt computed | median s | time vs whole batch | same tokens drawn | others' CPU |")
     print("|---|---|---|---|---|---|---|")
     for k in args.shared_k:
