@@ -693,8 +693,11 @@ def _prompt_cache(model, input_ids, attention_mask, first):
     (the rows `first` names), its entries then repeated for the rows that share them; generate goes on from it with
     the last token, and draws what it would draw from the whole batch (prefill is compute-bound: two samples a
     prompt halve it). Position ids as generate numbers left-padded rows. None if the model's cache holds more than
-    keys and values (a recurrent state, as in Mamba hybrids): then generate computes every row."""
+    keys and values (a recurrent state, as in Mamba hybrids), or if its generation config names a cache of its
+    own (generate refuses a cache given with it): then generate computes every row."""
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+    if getattr(model.generation_config, "cache_implementation", None):
+        return None
     rows = sorted(set(first))
     mask = attention_mask[rows, :-1]
     cache = model(input_ids=input_ids[rows, :-1], attention_mask=mask, use_cache=True,

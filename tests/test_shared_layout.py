@@ -180,3 +180,22 @@ def test_rows_that_share_a_prompt_draw_what_generate_draws_from_the_whole_batch(
     monkeypatch.setattr(common, "_prompt_cache", lambda *a: None)
     torch.manual_seed(0)
     assert drawn == common.sample_responses(model, tokenizer, prompts, 12) and used == [first]
+
+
+def test_a_model_whose_generation_config_names_its_own_cache_is_sampled_whole():
+    """generate refuses a cache given beside a generation config's cache_implementation (Gemma's checkpoints name
+    one): sample_responses then computes every row, and draws what generate draws."""
+    from types import SimpleNamespace
+    import common
+    model = tiny("llama")
+    model.generation_config.cache_implementation = "static"
+    ids, mask = torch.tensor([[5, 6, 7], [5, 6, 7]]), torch.ones(2, 3, dtype=torch.long)
+    assert common._prompt_cache(model, ids, mask, [0, 0]) is None
+    tokenizer = SimpleNamespace(pad_token_id=1, eos_token_id=0)
+    torch.manual_seed(0)
+    drawn = common.sample_responses(model, tokenizer, [[5, 6, 7], [8, 9], [5, 6, 7]], 6)
+    torch.manual_seed(0)
+    out = model.generate(input_ids=torch.tensor([[5, 6, 7], [1, 8, 9], [5, 6, 7]]), attention_mask=torch.tensor(
+        [[1, 1, 1], [0, 1, 1], [1, 1, 1]]), do_sample=True, top_k=0, top_p=1.0, max_new_tokens=6, pad_token_id=1,
+        eos_token_id=0)
+    assert drawn == [r[:r.index(0) + 1] if 0 in r else r for r in out[:, 3:].tolist()]
