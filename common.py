@@ -660,8 +660,8 @@ def sample_responses(model, tokenizer, prompts, max_new_tokens, temperature=1.0,
         L = max(map(len, chunk))
         input_ids = torch.tensor([[tokenizer.pad_token_id] * (L - len(p)) + p for p in chunk], device=device)
         attention_mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in chunk], device=device)
-        distinct = {p: i for i, p in reversed(list(enumerate(map(tuple, chunk))))}  # prompt -> its first row
-        first = [distinct[tuple(p)] for p in chunk] if len(distinct) < len(chunk) and L > 1 else None
+        first = [chunk.index(p) for p in chunk]  # each row's first row with its prompt
+        first = first if len(set(first)) < len(chunk) and L > 1 else None  # some prompt repeats: computed once
         out = through_wrapper(model, _generate, model, dict(
             input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=temperature, top_k=0,
             top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos), first)

@@ -62,8 +62,8 @@ class Sampler:
 
 
 def saved_for_backward(step, policy):
-    """What autograd keeps from one call of step(): {where it was made: MiB}, the positions of the forward (the
-    first input_ids the model saw), and the MiB of parameters among it."""
+    """What autograd keeps from one call of step(): ({where it was made: MiB}, the positions of the forward: the
+    first input_ids the model saw). Parameters the graph points at count under "parameters (the weights)"."""
     seen, where, params, positions = set(), collections.Counter(), {p.untyped_storage().data_ptr() for p in policy.parameters()}, []
     hook = policy.get_input_embeddings().register_forward_pre_hook(lambda m, inputs: positions.append(inputs[0].numel()))
 
