@@ -7,22 +7,33 @@ pairs that get no gold label, and the policy trains with DPO on both, against th
 
     y_a, y_b   ~ pi_theta(. | x)                                 two samples per prompt, temperature 1, no top-k/top-p
     s(x, y)    = r_phi(x, y)                                     silver score of every sample
+    r_phi      : at the start, a reward model trained on a small gold set (--disc_model, or --disc_pretrain pairs)
     gold       : in each window, --gold_per_window pairs with the smallest |s_a - s_b| ("conf") or random ones,
-                 until the window's gold is spent; then --silver_per_window silver-only pairs before the next window
+                 until the window's gold is spent; a window lasts --window_pairs pairs, its gold steps included
     L_phi      = - mean log sigmoid(r_phi(x, y_w) - r_phi(x, y_l))  on a window's gold pairs, once it is spent
-    (y_w, y_l) = the gold order where a pair has one, else argmax / argmin of s
+    (y_w, y_l) = the gold order where a pair has one, else argmax / argmin of s (a tie: no DPO term)
     L_DPO      = - E[ log sigmoid(beta * h) ],  h = [log pi(y_w|x) - log pi_0(y_w|x)] - [log pi(y_l|x) - log pi_0(y_l|x)]
 
 --labels picks what the policy trains on, so the paper's comparisons run from this file at the same gold budget:
 d2po (gold + discriminator silver labels), gold (online DPO where every pair is gold-labelled until the budget
-is spent), static (the discriminator trained once on --initial_gold, never updated), self (the policy's own
+is spent), static (the starting discriminator, with --initial_gold if given, never updated), self (the policy's own
 implicit reward beta * (log pi - log pi_0) as the discriminator; gold still overrides in windows).
 --gold says who labels: toy (the toy task's noisy annotator of its gold reward), rm:<hub id or path> (a
 sequence-classification reward model), human (a terminal prompt: 1 / 2 / t for a tie / s to skip; piped stdin works).
 
+The paper's discriminator starts from a reward model already trained on a small gold set (the authors' tiny_rm,
+trained on the same initial gold data as their starting policy). So does this file's: on the toy, by default, it
+first learns the toy's 1,920 annotated training pairs (the toy annotator's labels, --disc_pretrain; `--disc_pretrain
+none` is the fresh-head ablation); on a real model give --disc_model (a reward model, or a small LM to start from)
+or --disc_pretrain with preference pairs; a run with neither says at its start that it begins from a fresh head.
+Those starting labels are not charged to --gold_budget: the authors' gold-label axis counts only the labels asked
+for online, and their starting models are the same for every method they compare (on the toy, unlike there, the
+gold-only baseline's policy has not seen them: compare D2PO with a static discriminator for that).
+
 Run:
     python d2po.py                                       # built-in toy task, CPU, a few minutes
     python d2po.py --labels gold                         # the same gold budget, online DPO on gold labels only
+    python d2po.py --disc_pretrain none --initial_gold 32   # the ablation: the discriminator from a fresh head
     python d2po.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset trl-lib/ultrafeedback-prompt --output_dir out \\
         --gold rm:Skywork/Skywork-Reward-Llama-3.1-8B-v0.2 --disc_model Qwen/Qwen2.5-0.5B-Instruct --gold_budget 500
     python d2po.py --model M --dataset prompts.jsonl --gold human --gold_budget 200 --output_dir out
@@ -45,8 +56,9 @@ The discriminator and a reward-model judge read a pair's two rows with their com
 
 Deviations from the paper and the authors' code:
 1. One process: sampling, labelling, the discriminator and the policy update run in turn (the authors run two
-   policy workers and a discriminator server); windows count pairs (the authors count texts), and a window's
-   gold is taken from consecutive steps until spent.
+   policy workers and a discriminator server). A window is --window_pairs pairs from its opening to the next
+   window's, its gold steps included: the authors' SAMPN counts a window's texts, 256 by default, so 128 pairs, of
+   which R = 16 are gold (1/8, the default here); a window's gold is taken from consecutive steps until spent.
 2. Full fine-tuning with AdamW, and the DPO loss is the mean over a step's pairs (the authors: LoRA, Adam, the sum
    over a minibatch's pairs at lr 5e-5); --updates_per_step updates on them (their PPOUPDATES, 1 by default), each
    one an optimizer and scheduler step (so --warmup_steps counts updates).
@@ -54,13 +66,19 @@ Deviations from the paper and the authors' code:
    full (the authors: LoRA on a small reward model, input "Question: x\\n\\nAnswer: y"; here the prompt's and the
    response's tokens as the policy sees them). --disc_replay trains on all gold so far (the authors: the newest
    window only, the default). No gradient clipping of the discriminator, as the authors.
-4. Pairs whose two samples are identical get no gold label and no DPO term (zero gradient). A gold tie is charged,
-   gives no discriminator data and keeps the silver order (in --labels gold it drops the pair); a skip (human)
-   is recorded and not charged.
+4. Pairs whose two samples are identical get no gold label and no DPO term (zero gradient), and so do pairs whose
+   silver scores tie with no gold winner (the authors' argmax and argmin then pick one response twice). A gold tie
+   is charged, gives no discriminator data and keeps the silver order (in --labels gold it drops the pair); a skip
+   (human) is recorded and not charged.
 5. The samples' length is free up to --max_new_tokens (the authors draw max_new_tokens near 50 and do not force
    EOS). Prompts are cut (their middle first) to leave --max_new_tokens of room within --max_length.
 6. --labels self uses beta * (log pi - log pi_0) of the response tokens (the authors' code reverses prompt and
    response there and hard-codes the reference model).
+7. The starting discriminator on the toy is the SFT model with a scalar head, trained for --disc_pretrain_epochs on
+   the toy's annotated pairs (2 on the toy: held-out accuracy 0.77 against the annotator, 0.67 after 1) with an
+   AdamW of its own; the online updates then use a fresh one (the authors: an
+   OPT-125m-sized reward model with a new LoRA and a fresh AdamW; the size of their initial gold set is not
+   recoverable from their code).
 """
 import argparse
 import contextlib
@@ -129,11 +147,14 @@ class Args:
     gold: str = field(default=None, metadata={"help": "who gives gold labels: rm:<hub id or path> (a reward model), human (stdin), or toy (the toy's annotator, which knows only its sentiment words); needed with --model"})
     gold_budget: int = field(default=1000, metadata={"help": "gold labels in all, --initial_gold included, across resumes (ties are charged)"})
     gold_per_window: int = field(default=16, metadata={"help": "gold labels R per window (authors: 2-100)"})
-    silver_per_window: int = field(default=256, metadata={"help": "silver-only pairs after a window's gold is spent, before the next window opens"})
+    window_pairs: int = field(default=128, metadata={"help": "pairs from one window's opening to the next's, its gold steps included (authors' SAMPN: 256 texts)"})
     gold_select: str = field(default="conf", metadata={"help": "which pairs get gold: the least confident (smallest |s_a - s_b|) or random",
                                                        "choices": ["conf", "rand"]})
     initial_gold: int = field(default=0, metadata={"help": "gold-labelled pairs of the initial policy to train the discriminator on before step 1 (charged)"})
-    disc_model: str = field(default=None, metadata={"help": "the discriminator's initial weights (default: --model's, with a fresh scalar head)"})
+    disc_model: str = field(default=None, metadata={"help": "the discriminator's initial weights, a reward model as the paper's (default: --model's, with a fresh scalar head)"})
+    disc_pretrain: str = field(default=None, metadata={"help": "preference pairs the discriminator learns before step 1, as the paper's starting reward model "
+                                                               "(not charged; default: the toy's annotated pairs on the toy, else none; none: a fresh head)"})
+    disc_pretrain_epochs: int = field(default=1, metadata={"help": "epochs over --disc_pretrain's pairs"})
     disc_learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the discriminator (authors: 1e-4 with LoRA)"})
     disc_epochs: int = field(default=4, metadata={"help": "epochs U over a window's gold pairs (authors: 2-8)"})
     disc_batch_size: int = field(default=16, metadata={"help": "gold pairs per discriminator step (authors: 16)"})
@@ -147,7 +168,7 @@ class Args:
 # The toy task: dpo.py's toy settings where they apply; used when --model is not given.
 TOY_DEFAULTS = dict(learning_rate=1e-4, batch_size=16, grad_accum=1, warmup_steps=10, epochs=6, eval_every=40,
                     save_every=100, max_length=128, max_new_tokens=64, sample_batch_size=256, gold_budget=256,
-                    gold_per_window=16, silver_per_window=48, disc_learning_rate=1e-4, initial_gold=32, gold="toy")
+                    gold_per_window=16, disc_learning_rate=1e-4, disc_pretrain_epochs=2, gold="toy")
 positive, at_least_1 = (lambda v: 0 < v < math.inf, "a positive number"), (lambda v: v >= 1, "at least 1")
 ARG_CHECKS = dict(batch_size=at_least_1, grad_accum=at_least_1, epochs=at_least_1, eval_every=at_least_1,
                   save_every=at_least_1, max_eval_pairs=at_least_1, max_length=(lambda v: v >= 2, "at least 2"),
@@ -160,8 +181,9 @@ ARG_CHECKS = dict(batch_size=at_least_1, grad_accum=at_least_1, epochs=at_least_
                   label_smoothing=(lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
                   gold=(lambda v: v in ("toy", "human") or (v or "").startswith("rm:") and len(v) > 3,
                         "toy, human or rm:<hub id or path>, and given with --model"),
-                  gold_budget=(lambda v: v >= 0, "0 or more"), gold_per_window=at_least_1, silver_per_window=(lambda v: v >= 0, "0 or more"),
+                  gold_budget=(lambda v: v >= 0, "0 or more"), gold_per_window=at_least_1, window_pairs=at_least_1,
                   initial_gold=(lambda v: v >= 0, "0 or more"), disc_learning_rate=positive, disc_epochs=at_least_1,
+                  disc_pretrain_epochs=at_least_1,
                   disc_batch_size=at_least_1, max_new_tokens=at_least_1, temperature=positive, sample_batch_size=at_least_1,
                   updates_per_step=at_least_1)
 RESUME_MAY_CHANGE = ("max_steps", "eval_every", "save_every", "toy_eval_every")  # every other flag must match the run's
@@ -244,8 +266,19 @@ def gold_candidates(margins, eligible, n, how, generator):
 
 def pair_order(margins, gold):
     """Index (0 for a, 1 for b) of y_w of each pair: the gold winner where the pair has one ("a" / "b" in `gold`, a
-    dict pair -> label), else the higher silver score (a on a tie). margins (P,) = s_a - s_b."""
-    return [{"a": 0, "b": 1}.get(gold.get(i), 0 if m >= 0 else 1) for i, m in enumerate(margins.tolist())]
+    dict pair -> label), else the higher silver score; None for a silver tie without a gold winner, which gets no
+    DPO term (the authors' argmax and argmin pick the same response: h = 0 and no gradient). margins (P,) = s_a - s_b."""
+    return [{"a": 0, "b": 1}.get(gold.get(i), 0 if m > 0 else 1 if m < 0 else None) for i, m in enumerate(margins.tolist())]
+
+
+def dpo_pairs(margins, gold, eligible, gold_only=False):
+    """The pairs of a step the policy trains on and the index of each one's y_w (0: y_a, 1: y_b), in the order of
+    `pair_order`; no pair of identical samples (eligible (P,) bool), no silver tie without a gold winner, and with
+    gold_only no pair without a gold winner. Returns (kept pair indices, their winners)."""
+    winners = pair_order(margins, gold)
+    keep = [i for i, win in enumerate(winners) if eligible[i] and win is not None
+            and (not gold_only or gold.get(i) in ("a", "b"))]
+    return keep, [winners[i] for i in keep]
 
 
 @torch.no_grad()
@@ -310,11 +343,12 @@ def score_pairs(model, row_pairs, pad_token_id, device, batch_size, alone=False)
     return out if alone else gather_shares(out, len(row_pairs))
 
 
-def train_discriminator(model, optimizer, pairs, args, pad_token_id, device, generator):
-    """U epochs of the Bradley-Terry loss over `pairs` [(chosen_row, rejected_row)] in shuffled batches of
-    --disc_batch_size, continuing from the model's and optimizer's state; returns the last epoch's mean loss."""
+def train_discriminator(model, optimizer, pairs, args, pad_token_id, device, generator, epochs=None):
+    """U epochs (--disc_epochs, or `epochs`) of the Bradley-Terry loss over `pairs` [(chosen_row, rejected_row)] in
+    shuffled batches of --disc_batch_size, continuing from the model's and optimizer's state; returns the last
+    epoch's mean loss."""
     model.train()
-    for _ in range(args.disc_epochs):
+    for _ in range(epochs or args.disc_epochs):
         total = 0.0
         for batch in torch.randperm(len(pairs), generator=generator).split(args.disc_batch_size):
             scores = pair_scores(model, [pairs[i] for i in batch.tolist()], pad_token_id, device)  # (b, 2)
@@ -496,7 +530,8 @@ class TrainingState:
 
 
 def new_window_state(args):
-    return {"number": 1, "open": True, "left": args.gold_per_window, "silver": 0, "pairs": [], "all_gold": [],
+    """Window 1 opens at step 1; `seen` counts the pairs since the open window opened (its gold steps included)."""
+    return {"number": 1, "open": True, "left": args.gold_per_window, "seen": 0, "pairs": [], "all_gold": [],
             "accuracies": [], "disc_loss": None, "gold_used": 0, "ended": False}
 
 
@@ -845,6 +880,28 @@ def torch_threads(n):
         torch.set_num_threads(before)
 
 
+def pretrain_discriminator(discriminator, pairs, held_out, to_disc, args, pad_token_id, device):
+    """The paper's starting discriminator (the authors' tiny_rm, a reward model trained on a small initial gold set):
+    --disc_pretrain_epochs of the Bradley-Terry loss on `pairs` [(chosen_row, rejected_row)] with an AdamW of its
+    own, before step 1. Its labels are not charged to --gold_budget, as the authors' plots count only the labels
+    collected online. Returns what it logs: the pairs, the last epoch's loss, held-out order accuracy."""
+    optimizer = torch.optim.AdamW(discriminator.parameters(), lr=args.disc_learning_rate)
+    loss = train_discriminator(discriminator, optimizer, pairs, args, pad_token_id, device,
+                               torch.Generator().manual_seed(args.seed), epochs=args.disc_pretrain_epochs)
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: the discriminator's loss is {loss} after pretraining on {args.disc_pretrain}")
+    logged = {"disc/pretrain_pairs": len(pairs), "disc/pretrain_loss": loss}
+    if held_out:
+        scores = score_pairs(discriminator, [(to_disc(p, c), to_disc(p, r)) for p, c, r in held_out], pad_token_id,
+                             device, args.sample_batch_size)  # (n, 2)
+        logged["disc/pretrain_eval_accuracy"] = order_accuracy(scores[:, 0], scores[:, 1],
+                                                               torch.ones(len(held_out), dtype=torch.bool))
+    tqdm.write(f"discriminator: {args.disc_pretrain_epochs} epoch(s) on {len(pairs)} pairs of {args.disc_pretrain} "
+               f"before step 1 (loss {loss:.3f}" + (f", held-out accuracy {logged['disc/pretrain_eval_accuracy']:.3f}"
+                                                    if held_out else "") + "; not charged to the gold budget)")
+    return logged
+
+
 def close_window(w, args, discriminator, disc_optimizer, pad_token_id, device):
     """A window's gold is spent: the discriminator's accuracy on it (with the scores it had when the pairs were
     labelled, so before training on them), then, for --labels d2po, U epochs on it (or on all gold, --disc_replay)."""
@@ -859,20 +916,31 @@ def close_window(w, args, discriminator, disc_optimizer, pad_token_id, device):
             w["disc_loss"] = train_discriminator(discriminator, disc_optimizer, data, args, pad_token_id, device, generator)
             if not math.isfinite(w["disc_loss"]):
                 raise SystemExit(f"error: the discriminator's loss is {w['disc_loss']} after window {w['number']}")
-    w.update(pairs=[], open=False, left=0, silver=0, number=w["number"] + 1)
+    w.update(pairs=[], open=False, left=0, number=w["number"] + 1)
+
+
+def check_flags(args):
+    """D2PO's checks of flags that depend on each other, before anything is read. A default that depends on other
+    flags follows from them (no starting discriminator where there is none), and an error names what was given."""
+    if args.max_new_tokens >= args.max_length:
+        sys.exit(f"error: --max_new_tokens {args.max_new_tokens} must be less than --max_length {args.max_length}")
+    has_discriminator = args.labels in ("d2po", "static")
+    for name in ("initial_gold", "disc_pretrain", "disc_model"):
+        if getattr(args, name) not in (None, 0, "none") and not has_discriminator:
+            sys.exit(f"error: --{name} is for the discriminator, which --labels {args.labels} does not have")
+    if args.disc_pretrain is None:  # the paper's starting point where the toy has one: a reward model on its pairs
+        args.disc_pretrain = "toy" if args.model is None and has_discriminator and not args.disc_model else "none"
+    if args.labels == "static" and not (args.initial_gold or args.disc_model or args.disc_pretrain != "none"):
+        sys.exit("error: --labels static needs a trained discriminator: --initial_gold N, --disc_pretrain or "
+                 "--disc_model (its discriminator is never updated)")
+    if args.initial_gold > args.gold_budget:
+        sys.exit(f"error: --initial_gold {args.initial_gold} is more than the gold budget ({args.gold_budget})")
 
 
 # ---------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)  # every flag checked; nothing read or written yet
-    if args.max_new_tokens >= args.max_length:
-        sys.exit(f"error: --max_new_tokens {args.max_new_tokens} must be less than --max_length {args.max_length}")
-    if args.initial_gold and args.labels in ("gold", "self"):
-        sys.exit(f"error: --initial_gold trains the discriminator, which --labels {args.labels} does not have")
-    if args.labels == "static" and not args.initial_gold:
-        sys.exit("error: --labels static needs --initial_gold N: its discriminator is trained once, on those labels")
-    if args.initial_gold > args.gold_budget:
-        sys.exit(f"error: --initial_gold {args.initial_gold} is more than --gold_budget {args.gold_budget}")
+    check_flags(args)  # D2PO's own, and the defaults that follow from other flags
     rank, world, device = init_distributed(args)  # (0, 1, "cuda" or "cpu") unless under torchrun
     checkpoint = on_rank_0(check_output_dir, args)  # reads only
     with interrupts(lambda: resume_command(args, argv)) as signals:
@@ -882,6 +950,8 @@ def main(argv=None):
             toy_dir = toy.ensure_built()
             args.model, args.dataset = os.path.join(toy_dir, "sft"), os.path.join(toy_dir, "train_pairs.jsonl")
             args.eval_dataset = args.eval_dataset or os.path.join(toy_dir, "test_pairs.jsonl")
+            if args.disc_pretrain == "toy":  # the toy's annotated pairs (the annotator's labels, as gold's)
+                args.disc_pretrain = os.path.join(toy_dir, "train_pairs.jsonl")
         tokenizer = load_tokenizer(args.model, args.trust_remote_code)
         prompts, held_out = load_data(args, tokenizer)
         prompts_per_step = args.batch_size * args.grad_accum * world  # each rank samples batch_size x grad_accum
@@ -893,6 +963,7 @@ def main(argv=None):
         max_steps = args.max_steps or args.epochs * steps_per_epoch
         record = run_record(args, tokenizer)
         record["inputs"].update(disc_model=fingerprint(args.disc_model),
+                                disc_pretrain=None if args.disc_pretrain == "none" else fingerprint(args.disc_pretrain),
                                 gold=fingerprint(args.gold[3:]) if args.gold.startswith("rm:") else args.gold)
         if args.resume:
             check_resume(args, record)
@@ -908,10 +979,16 @@ def main(argv=None):
         reference.eval().requires_grad_(False)
         parallelize(reference, args, trainable=False)
         discriminator = disc_tokenizer = disc_optimizer = None
+        disc_pretrain_pairs = []  # the starting reward model's data (--disc_pretrain), none when resumed
         if args.labels in ("d2po", "static"):
             discriminator, disc_tokenizer = load_discriminator(args, device)
             parallelize(discriminator, args)
             disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=args.disc_learning_rate)
+            if not args.disc_model and args.disc_pretrain == "none":
+                print(f"the discriminator starts from {args.model} with a fresh scalar head; the paper starts it from "
+                      f"a reward model trained on a small gold set (--disc_model, or --disc_pretrain pairs)")
+            disc_pretrain_pairs = [] if args.disc_pretrain == "none" or checkpoint else \
+                load_pairs(args.disc_pretrain, tokenizer, args, args.dataset_split)
         ask = None if not is_main() else (  # the gold labeller lives on rank 0
             toy_gold(args.seed) if args.gold == "toy" else human_gold() if args.gold == "human" else
             reward_model_gold(args.gold[3:], args, device))
@@ -945,12 +1022,17 @@ def main(argv=None):
             return [dict(key=GoldLog.key(ids, a, b), prompt=decode(ids), a=decode(a), b=decode(b), raw_prompt=raw)
                     for (raw, ids), a, b in zip(batch, responses_a, responses_b)]
 
-        step = start_step
+        step, pretrained = start_step, {}
         try:
             with torch_threads(1 if toy else None):
                 if toy:  # the toy's gold reward, length and KL of samples before training
                     toy_prompts = toy.test_prompts(toy_dir)
                     before = toy.evaluate(reference, reference, tokenizer, toy_prompts, seed=args.seed)
+
+                if discriminator is not None and disc_pretrain_pairs:  # the starting reward model, before step 1
+                    pretrained = pretrain_discriminator(discriminator, [(to_disc(p, c), to_disc(p, r)) for p, c, r in
+                                                                        disc_pretrain_pairs], held_out, to_disc, args,
+                                                        disc_pad, device)
 
                 if args.initial_gold and not checkpoint:  # gold labels of the initial policy's samples, before step 1
                     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
@@ -970,8 +1052,9 @@ def main(argv=None):
 
                 # ---------------------------------------------------------------- the training loop
                 log = open_metrics(args.output_dir, start_step)  # forgets what a killed run logged after its checkpoint
-                if start_step == 0 and held_out:
-                    log({"step": 0, **evaluate(policy, held_out, held_out_ref, args, tokenizer.pad_token_id, device)})
+                if start_step == 0 and (held_out or pretrained):
+                    log({"step": 0, **pretrained,
+                         **(evaluate(policy, held_out, held_out_ref, args, tokenizer.pad_token_id, device) if held_out else {})})
                 policy.train()
                 signals["stop_after_step"] = True  # from here Ctrl-C / SIGTERM finish the step and save first
                 save_seconds = 3 * sum(p.numel() * p.element_size() for p in policy.parameters()) / 2e8  # a guess at 200 MB/s
@@ -1002,9 +1085,9 @@ def main(argv=None):
 
                     # gold labels: in windows on the least confident pairs (gold: every pair) while the budget lasts
                     w = copy.deepcopy(window)  # the step's bookkeeping, committed when the step is done
-                    if args.labels in ("d2po", "self") and not w["open"] and w["silver"] >= args.silver_per_window \
-                            and w["gold_used"] < args.gold_budget:
-                        w.update(open=True, left=args.gold_per_window)
+                    if args.labels in ("d2po", "self") and not w["open"] and w["seen"] >= args.window_pairs \
+                            and w["gold_used"] < args.gold_budget:  # the next window: --window_pairs after the last
+                        w.update(open=True, left=args.gold_per_window, seen=0)
                     was_open, gold = w["open"] and args.labels in ("d2po", "self"), {}
                     if args.labels == "gold" or was_open:
                         n = len(batch) if args.labels == "gold" else w["left"]
@@ -1025,8 +1108,8 @@ def main(argv=None):
                                                        "score_chosen": scores[i, win].item(), "score_rejected": scores[i, 1 - win].item()})
                             if w["left"] <= 0 or len(labels) < len(chosen) or w["gold_used"] >= args.gold_budget:
                                 close_window(w, args, discriminator if args.labels == "d2po" else None, disc_optimizer, disc_pad, device)
-                    if args.labels in ("d2po", "self") and not was_open:
-                        w["silver"] += int(eligible.sum())
+                    if args.labels in ("d2po", "self"):
+                        w["seen"] += len(batch)  # the authors count a window's texts, two a pair, gold steps included
                     if args.labels == "gold" and not any(label in ("a", "b") for label in gold.values()) \
                             and w["gold_used"] >= args.gold_budget:
                         if step > 0:
@@ -1036,10 +1119,9 @@ def main(argv=None):
                         break
 
                     # the step's pairs: the gold order where there is one, else the silver order
-                    winners = pair_order(margins, gold)
-                    keep = [i for i in range(len(batch)) if eligible[i] and (args.labels != "gold" or gold.get(i) in ("a", "b"))]
-                    step_pairs = [(groups[i][0], groups[i][1][winners[i]], groups[i][1][1 - winners[i]]) for i in keep]
-                    kept, first = torch.tensor(keep, dtype=torch.long), torch.tensor(winners, dtype=torch.long)[keep]
+                    keep, winners = dpo_pairs(margins, gold, eligible, gold_only=args.labels == "gold")
+                    step_pairs = [(groups[i][0], groups[i][1][win], groups[i][1][1 - win]) for i, win in zip(keep, winners)]
+                    kept, first = torch.tensor(keep, dtype=torch.long), torch.tensor(winners, dtype=torch.long)
                     step_reference = torch.stack([reference_logps[kept, first], reference_logps[kept, 1 - first]], -1)  # (n, 2)
                     n_gold = sum(gold.get(i) in ("a", "b") for i in keep)
 

@@ -43,6 +43,12 @@ Deviations from the paper and the authors' code (sail-sg/dice):
    also at gamma = 0 (the authors' code then uses every generated pair) and is seeded (theirs is not).
 5. AdamW with linear warm-up, then constant, as dpo.py (the authors: LLaMA-Factory, lr 5e-7, 50 warm-up steps,
    300 steps at batch 32 per round).
+6. Shorter lengths: --max_new_tokens 512 and --max_length 512 by default, against the authors' 2,048 new tokens
+   (generate_responses.py, max_token) and 4,096-token cutoff in scoring and training (generate_dpo_scores.py,
+   pipeline.sh, --cutoff_len). The responses that do not fit are dropped before alpha is searched, and they are the
+   long end of the length distribution that the length term r_LR = s - alpha |y| is there to correct: each round
+   prints and logs how many (samples/dropped_for_length in its metrics.jsonl, and in summary.json), and warns
+   when they are more than a tenth of its samples. Raise the two flags for a real model's long answers.
 """
 import argparse
 import contextlib
@@ -357,6 +363,28 @@ def usable(prompt, response, eos_token_id, max_length):
     return response[-1:] == [eos_token_id] and len(prompt) + len(response) <= max_length
 
 
+def length_drops(t, samples, eos_token_id, max_new_tokens, max_length, warn_above=0.1):
+    """Round t's samples that `usable` drops for length (deviation 6): cut off with no EOS within --max_new_tokens,
+    or ended but longer than --max_length with their prompt. Returns their counts and fraction as metrics, and the
+    lines to print: the counts, and a warning when more than warn_above of the samples were dropped."""
+    responses = [(len(row["prompt_ids"]), r) for row in samples for r in row["response_ids"]]
+    cut = sum(r[-1:] != [eos_token_id] for _, r in responses)
+    over = sum(r[-1:] == [eos_token_id] and n + len(r) > max_length for n, r in responses)
+    dropped, total = cut + over, len(responses)
+    fraction = dropped / total if total else 0.0
+    metrics = {"samples/total": total, "samples/dropped_for_length": dropped,
+               "samples/dropped_for_length_fraction": fraction, "samples/cut_at_max_new_tokens": cut,
+               "samples/over_max_length": over}
+    lines = [f"round {t}: {dropped} of {total} samples ({fraction:.1%}) dropped for length: {cut} with no EOS within "
+             f"--max_new_tokens {max_new_tokens}, {over} longer than --max_length {max_length} with the prompt"]
+    if fraction > warn_above:
+        flags = " and ".join(flag for flag, n in (("--max_new_tokens", cut), ("--max_length", over)) if n)
+        lines.append(f"warning: round {t}: {fraction:.0%} of the samples were dropped for length, more than "
+                     f"{warn_above:.0%}: the alpha search sees the lengths without their long end; raise {flags} "
+                     f"(the authors: 2048 new tokens, 4096 in all)")
+    return metrics, lines
+
+
 @torch.no_grad()
 def sample(policy, tokenizer, prompts, args, seed):
     """K responses per prompt from pi^(t-1), batched: one row per prompt with ids, texts and which are usable.
@@ -405,6 +433,8 @@ def round_data(t, directory, policy, models, offline, prompts, args, tokenizer, 
         on_rank_0(write_jsonl, path("samples.jsonl"), sample(policy, tokenizer, prompts, args, seed=args.seed * 1000 + t))
         seconds["sampling"] = time.time() - started
     samples = read_jsonl(path("samples.jsonl"))
+    drops, lines = length_drops(t, samples, tokenizer.eos_token_id, args.max_new_tokens, args.max_length)
+    print("\n".join(lines))
     if not os.path.exists(path("scores.jsonl")):
         started = time.time()
         policy_logps = response_logps(policy, samples, args, tokenizer.pad_token_id, device)  # (P, K) pi^(t-1)
@@ -446,7 +476,7 @@ def round_data(t, directory, policy, models, offline, prompts, args, tokenizer, 
              "usable_responses": int(valid.sum()), "prompts_kept": len(keep), "generated_pairs": len(rows),
              "generated_used": len(generated), "offline_used": len(replayed), "length_unit": args.length_unit,
              "chosen_length_alpha0": mean_length(chosen_0), "rejected_length_alpha0": mean_length(rejected_0),
-             "chosen_length": mean_length(chosen), "rejected_length": mean_length(rejected)}
+             "chosen_length": mean_length(chosen), "rejected_length": mean_length(rejected), **drops}
     if toy:  # how often the implicit reward's order agrees with the gold program's, ties count half
         gold = [(toy.gold_reward(r["chosen"]) > toy.gold_reward(r["rejected"])) + 0.5 * (toy.gold_reward(r["chosen"]) == toy.gold_reward(r["rejected"]))
                 for r in rows]
@@ -667,10 +697,12 @@ def resume_command(args, argv):
 
 
 # ---------------------------------------------------------------- a DPO round
-def train_round(args, directory, policy, train, held_out, record, tokenizer, device, signals, argv, toy_curve=None):
+def train_round(args, directory, policy, train, held_out, record, tokenizer, device, signals, argv, toy_curve=None,
+                first_row=None):
     """One round of DPO in `directory` from `policy`, pi^(t-1), which is also its reference: dpo.py's training
     loop. Returns the trained policy, the round's steps and how many of them this call ran. toy_curve(policy): the
-    toy's figures, logged every --toy_eval_every steps."""
+    toy's figures, logged every --toy_eval_every steps; first_row: more to log in the step-0 row (the samples
+    dropped for length)."""
     rank, world = this_rank(), world_size()
     pairs_per_step = args.batch_size * args.grad_accum * world  # each rank batch_size x grad_accum of them
     steps_per_epoch = len(train) // pairs_per_step
@@ -705,7 +737,8 @@ def train_round(args, directory, policy, train, held_out, record, tokenizer, dev
     # ---------------------------------------------------------------- the training loop
     log = open_metrics(directory, start_step)  # forgets what a killed run logged after its checkpoint
     if start_step == 0:
-        log({"step": 0, **evaluate(policy, held_out, cache["eval"], args, tokenizer.pad_token_id, device)})
+        log({"step": 0, **(first_row or {}), **evaluate(policy, held_out, cache["eval"], args, tokenizer.pad_token_id,
+                                                          device)})
     policy.train()
     signals["stop_after_step"] = True  # from here Ctrl-C / SIGTERM finish the step and save first
     save_seconds = 3 * sum(p.numel() * p.element_size() for p in policy.parameters()) / 2e8  # a guess at 200 MB/s
@@ -801,8 +834,9 @@ def run_round(t, args, models, offline, held_out, prompts, record, tokenizer, de
     if trains:
         started = time.time()
         settings = dataclasses.replace(args, learning_rate=args.round0_learning_rate) if t == 0 else args
+        drops = {k: v for k, v in summary.items() if k.startswith("samples/")}  # deviation 6, in metrics.jsonl
         policy, summary["steps"], ran = train_round(settings, directory, policy, train, held_out, record, tokenizer,
-                                                    device, signals, argv, toy_curve)
+                                                    device, signals, argv, toy_curve, drops)
         seconds["training"] = time.time() - started
         for later in os.listdir(args.output_dir) if ran and is_main() else []:  # built on an older pi^(t) (a resume)
             if later.startswith("round_") and int(later[6:]) > t:

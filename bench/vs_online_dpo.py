@@ -384,10 +384,10 @@ def main():
             m = medians["d2po"]
             window = sum(m.values())
             silver = window - m["judge"] - m["disc_train"]
-            share = 16 / (16 + 256)  # a default window: 16 gold pairs, then 256 silver pairs
+            share = 16 / 128  # a default window: 16 gold pairs in 128 (--window_pairs, gold steps included)
             average = silver + share * (m["judge"] + m["disc_train"])
             print(f"d2po ({unit}): a window step (judge + discriminator training) {window:.3f} s, a silver step "
-                  f"{silver:.3f} s; with the default window (--gold_per_window 16, --silver_per_window 256) the average "
+                  f"{silver:.3f} s; with the default window (--gold_per_window 16, --window_pairs 128) the average "
                   f"step is {average:.3f} s, of which sampling {m['sample'] / average:.0%}, the reference "
                   f"{m['reference'] / average:.0%}, discriminator scoring {m['disc_score'] / average:.0%}, judge "
                   f"{share * m['judge'] / average:.0%}, discriminator training {share * m['disc_train'] / average:.0%}, "

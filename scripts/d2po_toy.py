@@ -6,22 +6,19 @@ discriminator and offline DPO, on the built-in toy task, several seeds and budge
 
 Each run's gold labels come from the toy's annotator (toy.annotate on toy.gold_reward, 76% agreement with the
 gold order on the toy's pairs), and each spends at most the budget B:
-- D2PO: `python d2po.py --seed S --gold_budget B` (the toy default: 32 initial labels, then windows of 16 gold
-  labels and 48 silver-only pairs, 126 steps of 16 prompts);
-- online DPO, gold only: `python d2po.py --labels gold --initial_gold 0 --gold_budget B` (every pair labelled,
-  16 a step, until the budget is spent: B / 16 steps), and the same with `--updates_per_step 8` (8 updates on
-  each step's pairs, as the authors' strongest gold-only baselines);
-- static discriminator: `python d2po.py --labels static --initial_gold B --gold_budget B` (all the gold up front,
-  the discriminator never updated, 126 steps on its silver labels);
+- D2PO: `python d2po.py --seed S --gold_budget B` (the toy default, the paper's set-up: the discriminator first
+  learns the toy's 1,920 annotated pairs, not charged to the budget, then windows of 16 gold labels in 128 pairs,
+  126 steps of 16 prompts);
+- D2PO, fresh head: the ablation, `--disc_pretrain none --initial_gold min(32, B / 2)` (the discriminator starts
+  from the SFT model with a fresh scalar head and learns from gold alone; the initial gold is charged);
+- online DPO, gold only: `python d2po.py --labels gold --gold_budget B` (every pair labelled, 16 a step, until the
+  budget is spent: B / 16 steps), and the same with `--updates_per_step 8` (8 updates on each step's pairs, as
+  the authors' strongest gold-only baselines);
+- static discriminator: `python d2po.py --labels static --initial_gold B --gold_budget B` (the starting
+  discriminator, then all the gold up front, never updated, 126 steps on its silver labels), and the same with
+  `--disc_pretrain none` (from a fresh head, on the B labels alone);
 - offline DPO: `python dpo.py` on B of the toy's annotated pairs of SFT samples (a seeded draw), with dpo.py's toy
   settings (2 epochs, lr 1e-4, beta 0.1, 16 pairs a step).
-Two more methods, not run by default (`--methods`), start the discriminator from a reward model trained beforehand,
-as the paper's discriminator starts from one trained on a small gold set: `--disc_model` set to the Bradley-Terry
-teacher that `python distilled_dpo.py --objective distill --length_bias 0 --seed S` trains from the SFT model on a
-bootstrap resample of the toy's 1,920 annotated training pairs (the annotator's labels; these are not counted in
-the budget, and offline DPO on all of them is the README's family comparison):
-- D2PO, pretrained discriminator: D2PO's command with --disc_model;
-- static, pretrained discriminator: the static discriminator's command with --disc_model.
 Every final model is then scored here the same way: gold reward, length and KL(policy || SFT) of one sample per
 test prompt (512 prompts, sampled with seed S). The table gives mean and standard deviation over the seeds; the
 plot (gold reward against gold labels used, the mean over seeds) goes to scripts/d2po_toy.svg.
@@ -39,11 +36,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-SLUGS = {"D2PO": "d2po", "online DPO, gold only": "online", "online DPO, gold only, 8 updates a step": "online8",
-         "static discriminator": "static", "offline DPO": "offline"}  # method -> the name of its runs' directories
+SLUGS = {"D2PO": "d2po", "D2PO, fresh head": "d2po_fresh", "online DPO, gold only": "online",
+         "online DPO, gold only, 8 updates a step": "online8", "static discriminator": "static",
+         "static, fresh head": "static_fresh", "offline DPO": "offline"}  # method -> the name of its runs' directories
 METHODS = tuple(SLUGS)  # the default set, in the plot
-PRETRAINED = {"D2PO, pretrained discriminator": "D2PO", "static, pretrained discriminator": "static discriminator"}
-SLUGS.update({"D2PO, pretrained discriminator": "d2po_pre", "static, pretrained discriminator": "static_pre"})
 
 
 def run(command, out):
@@ -61,24 +57,17 @@ def run(command, out):
     return time.time() - start
 
 
-def teacher(seed, work):
-    """distilled_dpo.py's run that trains the pretrained discriminator of this seed (one step of distillation after
-    it, which is not used), and where the discriminator is."""
-    out = os.path.join(work, f"teacher-{seed}")
-    return ["distilled_dpo.py", "--objective", "distill", "--length_bias", "0", "--seed", str(seed), "--max_steps", "1"], \
-        out, os.path.join(out, "reward_model_0")
-
-
 def command(method, seed, budget, work, toy_dir):
-    if method in PRETRAINED:
-        return command(PRETRAINED[method], seed, budget, work, toy_dir) + ["--disc_model", teacher(seed, work)[2]]
+    d2po = ["d2po.py", "--seed", str(seed), "--gold_budget", str(budget)]
     if method == "D2PO":
-        return ["d2po.py", "--seed", str(seed), "--gold_budget", str(budget), "--initial_gold", str(min(32, budget // 2))]
+        return d2po
+    if method == "D2PO, fresh head":
+        return d2po + ["--disc_pretrain", "none", "--initial_gold", str(min(32, budget // 2))]
     if method.startswith("online DPO, gold only"):
-        return ["d2po.py", "--seed", str(seed), "--gold_budget", str(budget), "--labels", "gold", "--initial_gold", "0",
-                "--updates_per_step", "8" if "8 updates" in method else "1"]
-    if method == "static discriminator":
-        return ["d2po.py", "--seed", str(seed), "--gold_budget", str(budget), "--labels", "static", "--initial_gold", str(budget)]
+        return d2po + ["--labels", "gold", "--updates_per_step", "8" if "8 updates" in method else "1"]
+    if method.startswith("static"):
+        return d2po + ["--labels", "static", "--initial_gold", str(budget)] + (
+            ["--disc_pretrain", "none"] if "fresh" in method else [])
     with open(os.path.join(toy_dir, "train_pairs.jsonl")) as f:  # offline DPO: B annotated pairs, a seeded draw
         lines = random.Random(f"{seed}/offline/{budget}").sample(f.readlines(), budget)
     path = os.path.join(work, f"offline_pairs-{budget}-{seed}.jsonl")
@@ -109,7 +98,8 @@ def score(out, seed, toy_dir):
 def svg(table, budgets, path):
     """Gold reward against gold labels used (budget), one line per method, the mean over seeds."""
     budgets = sorted(budgets)
-    colours, width, height, pad = ["#1b9e77", "#d95f02", "#e6ab02", "#7570b3", "#e7298a"], 420, 240, 50
+    colours = ["#1b9e77", "#66c2a5", "#d95f02", "#e6ab02", "#7570b3", "#bcbddc", "#e7298a"]
+    width, height, pad = 420, 240, 50
     values = [statistics.mean(r["gold_reward"] for r in table[m, b]) for m in METHODS for b in budgets]
     low, high = min(values + [0.0]), max(values)
     x = lambda b: pad + (budgets.index(b) if len(budgets) > 1 else 0.5) * (width - 2 * pad) / max(1, len(budgets) - 1)
@@ -124,7 +114,7 @@ def svg(table, budgets, path):
         parts += [f'<circle cx="{px:.1f}" cy="{py:.1f}" r="3" fill="{colour}"/>' for px, py in points]
         parts.append(f'<text x="{pad}" y="{height + 4 + 14 * METHODS.index(method)}" font-size="11" fill="{colour}">{method}</text>')
     with open(path, "w") as f:
-        f.write(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 80}">' + "".join(parts) + "</svg>\n")
+        f.write(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 110}">' + "".join(parts) + "</svg>\n")
 
 
 def main():
@@ -143,8 +133,6 @@ def main():
     jobs = [(m, s, b) for b in args.budgets for s in args.seeds for m in args.methods]
     name = lambda m, s, b: os.path.join(work, f"{SLUGS[m]}-{b}-{s}")
     with ThreadPoolExecutor(args.jobs) as pool:
-        if set(args.methods) & set(PRETRAINED):  # the pretrained discriminators first, one a seed
-            list(pool.map(lambda s: run(*teacher(s, work)[:2]), args.seeds))
         seconds = dict(zip(jobs, pool.map(lambda j: run(command(*j, work, toy_dir), name(*j)), jobs)))
     table = {}
     for m, s, b in jobs:

@@ -103,11 +103,12 @@ def test_conf_picks_the_smallest_margins_among_the_eligible_pairs(margins, n, se
     assert all(eligible[i] for i in random_pick)
 
 
-def test_gold_overrides_the_silver_order_and_ties_keep_it():
+def test_gold_overrides_the_silver_order_gold_ties_keep_it_and_a_silver_tie_has_none():
     margins = torch.tensor([2.0, -1.0, 0.5, -3.0, 0.0, 1.0])  # silver: a, b, a, b, a (tie), a
     gold = {0: "b", 1: "a", 2: "tie", 3: "skip", 5: "a"}
-    assert d2po.pair_order(margins, gold) == [1, 0, 0, 1, 0, 0]
-    assert d2po.pair_order(margins, {}) == [0, 1, 0, 1, 0, 0]
+    assert d2po.pair_order(margins, gold) == [1, 0, 0, 1, None, 0]  # a silver tie without a gold winner: no order
+    assert d2po.pair_order(margins, {}) == [0, 1, 0, 1, None, 0]
+    assert d2po.pair_order(margins, {4: "b"}) == [0, 1, 0, 1, 1, 0]
 
 
 # ---------------------------------------------------------------- the gold log and the labellers
@@ -174,7 +175,7 @@ def data(toy_dir, tmp_path_factory):
 def flags(toy_dir, data, out, *extra):
     return ["--model", os.path.join(toy_dir, "sft"), "--dataset", data, "--gold", "toy", "--output_dir", str(out), "--batch_size", "4",
             "--grad_accum", "1", "--learning_rate", "1e-3", "--warmup_steps", "1", "--max_new_tokens", "16",
-            "--max_steps", "6", "--gold_per_window", "3", "--silver_per_window", "4", "--gold_budget", "7",
+            "--max_steps", "6", "--gold_per_window", "3", "--window_pairs", "8", "--gold_budget", "7",
             "--disc_epochs", "1", "--disc_learning_rate", "1e-3", "--eval_every", "100", "--save_every", "2", *extra]
 
 
@@ -189,20 +190,21 @@ def training_rows(out):
 
 def window_schedule(pairs_per_step, R, S, budget, steps, initial=0):
     """Gold labels charged in each step by the authors' windows (every pair eligible, no ties or skips): a window
-    takes up to R gold from consecutive steps; S silver-only pairs later the next one opens; the budget caps all."""
-    used, left, opened, silver, out = initial, R, True, 0, []
+    takes up to R gold from consecutive steps; S pairs after it opened (its gold steps included) the next one opens,
+    once the gold is spent; the budget caps all."""
+    used, left, opened, seen, out = initial, R, True, 0, []
     for _ in range(steps):
-        if not opened and silver >= S and used < budget:
-            opened, left = True, R
+        if not opened and seen >= S and used < budget:
+            opened, left, seen = True, R, 0
         if opened:
             n = min(left, pairs_per_step, budget - used)
             used, left = used + n, left - n
             out.append(n)
             if left == 0 or used >= budget:
-                opened, silver = False, 0
+                opened = False
         else:
-            silver += pairs_per_step
             out.append(0)
+        seen += pairs_per_step
     return out
 
 
@@ -218,7 +220,7 @@ def test_every_labels_mode_runs_on_the_toy_within_the_gold_budget(labels, toy_di
     assert len(gold) == used[-1] <= 7 and len({g["key"] for g in gold}) == len(gold)
     steps = [b - a for a, b in zip([0] + used, used)]
     if labels in ("d2po", "self"):  # the authors' windows (the toy's 16-token samples are never identical here)
-        assert steps == window_schedule(4, 3, 4, 7, 6)
+        assert steps == window_schedule(4, 3, 8, 7, 6)
         assert rows[-1]["disc/accuracy"] is not None
     elif labels == "static":
         assert used == [4] * 6 and all(g["step"] == 0 for g in gold)  # the initial gold, then never again
@@ -311,7 +313,7 @@ def test_bad_input_of_d2po_stops_with_one_line_and_writes_nothing(toy_dir, tmp_p
                                                   ["--gold rm:", "not a sequence-classification reward model", "LlamaForCausalLM"]),
         "unknown gold": (str(prompts_only), ["--gold", "oracle"], ["--gold must be toy, human or rm:"]),
         "rm without a model": (str(prompts_only), ["--gold", "rm:"], ["--gold must be toy, human or rm:<hub id or path>"]),
-        "static without initial gold": (str(prompts_only), ["--labels", "static"], ["--labels static needs --initial_gold"]),
+        "static without initial gold": (str(prompts_only), ["--labels", "static"], ["--labels static needs a trained discriminator"]),
         "initial gold over budget": (str(prompts_only), ["--initial_gold", "9", "--gold_budget", "8"], ["--initial_gold 9 is more"]),
         "initial gold without a discriminator": (str(prompts_only), ["--labels", "gold", "--initial_gold", "2"],
                                                  ["--labels gold does not have"]),
@@ -349,3 +351,86 @@ def test_a_model_of_ones_own_needs_a_gold_source(toy_dir, tmp_path):
         d2po.main(["--model", os.path.join(toy_dir, "sft"), "--output_dir", str(out)])
     assert "--gold must be toy, human or rm:<hub id or path>, and given with --model (got None)" in stopped.value.code
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- the paper's set-up, and what the DPO step trains on
+def test_the_defaults_are_the_papers_window_and_a_pretrained_discriminator_on_the_toy():
+    args = d2po.parse_args(["--model", "m", "--dataset", "d", "--gold", "toy"])
+    assert args.gold_per_window == 16 and 2 * args.window_pairs == 256  # the authors' R = 16 of SAMPN = 256 texts
+    assert args.gold_per_window / args.window_pairs == 1 / 8  # gold is 1/8 of a window's pairs, gold steps included
+    d2po.check_flags(args)
+    assert args.disc_pretrain == "none" and args.initial_gold == 0  # a real model: --disc_model is the paper's start
+    toy_args = d2po.parse_args([])
+    d2po.check_flags(toy_args)
+    assert toy_args.disc_pretrain == "toy" and toy_args.initial_gold == 0  # the toy: a reward model on its pairs
+    assert toy_args.gold_per_window / toy_args.window_pairs == 1 / 8
+
+
+@pytest.mark.parametrize("argv", [[], ["--labels", "gold"], ["--labels", "self"], ["--labels", "static"],
+                                  ["--gold_budget", "12"], ["--gold_budget", "0"], ["--disc_pretrain", "none"]])
+def test_no_toy_default_makes_a_documented_command_or_a_lowered_flag_fail(argv):
+    args = d2po.parse_args(argv)
+    d2po.check_flags(args)  # no SystemExit
+    assert args.disc_pretrain == ("toy" if args.labels in ("d2po", "static") and "none" not in argv else "none")
+
+
+def test_an_error_about_dependent_flags_names_only_flags_the_user_gave():
+    for argv, given in [(["--labels", "gold", "--initial_gold", "4"], "--initial_gold"),
+                        (["--labels", "self", "--disc_pretrain", "p.jsonl"], "--disc_pretrain"),
+                        (["--initial_gold", "40", "--gold_budget", "32"], "--initial_gold 40"),
+                        (["--labels", "static", "--disc_pretrain", "none"], "--labels static")]:
+        with pytest.raises(SystemExit) as stopped:
+            d2po.check_flags(d2po.parse_args(argv))
+        message = stopped.value.code
+        assert given in message, (argv, message)
+        flags_named = {w.strip("(),:;") for w in message.split() if w.startswith("--")}
+        allowed = {a for a in argv if a.startswith("--")} | {"--disc_pretrain", "--disc_model", "--initial_gold"}
+        assert flags_named <= allowed, (argv, message)
+
+
+def test_a_silver_tie_gives_no_dpo_term_and_no_gradient():
+    margins = torch.tensor([1.5, 0.0, -0.5, 0.0, 2.0])  # pair 1: a silver tie; pair 3: a tie that gold orders
+    eligible = torch.tensor([True, True, True, True, False])  # pair 4: identical samples
+    keep, winners = d2po.dpo_pairs(margins, {3: "b"}, eligible)
+    assert keep == [0, 2, 3] and winners == [0, 1, 1]
+    policy = torch.randn(5, 2, requires_grad=True)  # (P, 2) log pi of y_a, y_b
+    reference = torch.randn(5, 2)
+    index, first = torch.tensor(keep), torch.tensor(winners)
+    losses, _, _ = d2po.dpo_loss(policy[index, first], policy[index, 1 - first], reference[index, first],
+                                 reference[index, 1 - first], beta=0.1)
+    losses.mean().backward()
+    assert torch.all(policy.grad[1] == 0) and torch.all(policy.grad[4] == 0)
+    assert all(torch.all(policy.grad[i] != 0) for i in keep)
+    keep, _ = d2po.dpo_pairs(margins, {0: "a", 1: "tie", 2: "skip"}, eligible, gold_only=True)
+    assert keep == [0]  # gold only: a pair trains only with a gold winner
+
+
+@pytest.mark.parametrize("labels", ["gold", "d2po"])
+def test_the_dpo_step_trains_each_gold_labelled_pair_in_gold_jsonls_order(labels, toy_dir, data, tmp_path, monkeypatch):
+    """What the policy's loss sees, recorded at pair_logps (prompt, chosen, rejected), against gold.jsonl's winners:
+    a run that computed the gold labels and then ordered its pairs by the silver scores alone must fail here."""
+    from common import load_tokenizer
+    tokenizer = load_tokenizer(os.path.join(toy_dir, "sft"))
+    trained, pair_logps = [], d2po.pair_logps
+
+    def recording(model, pairs, *rest):
+        if torch.is_grad_enabled():  # the DPO step (evaluation runs under no_grad)
+            trained.extend(pairs)
+        return pair_logps(model, pairs, *rest)
+    monkeypatch.setattr(d2po, "pair_logps", recording)
+    out = tmp_path / labels
+    d2po.main(flags(toy_dir, data, out, "--labels", labels, "--max_steps", "3"))
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+    gold = {(g["prompt"], g["response_a"], g["response_b"]): g["label"] for g in read_jsonl(out / "gold.jsonl")}
+    checked = 0
+    for prompt, chosen, rejected in trained:
+        p, c, r = decode(prompt), decode(chosen), decode(rejected)
+        label = gold.get((p, c, r)) or gold.get((p, r, c))
+        if label in ("a", "b"):
+            a, b = (c, r) if (p, c, r) in gold else (r, c)
+            assert c == (a if label == "a" else b), (p, c, r, label)
+            checked += 1
+    winners = sum(g in ("a", "b") for g in gold.values())
+    assert checked == winners > 0  # every gold winner was trained on, once, in its gold order
+    if labels == "gold":
+        assert len(trained) == winners  # and nothing else

@@ -135,7 +135,7 @@ def setup(toy_dir, tmp_path_factory):
                         "--output_dir", str(out), *FLAGS]
     baseline = run(args(tmp / "baseline"))
     assert baseline.returncode == 0, baseline.stderr[-3000:]
-    return dict(sft=sft, pi0=str(tmp / "pi0"), out=tmp / "baseline", args=args, tmp=tmp)
+    return dict(sft=sft, pi0=str(tmp / "pi0"), out=tmp / "baseline", args=args, tmp=tmp, stdout=baseline.stdout)
 
 
 def read(path):
@@ -213,6 +213,46 @@ def test_cut_off_responses_and_thin_prompts_are_dropped_and_pairs_are_best_and_w
         prompts = [tuple(p["prompt_ids"]) for p in train]
         assert len(set(prompts)) == len(prompts)
     assert seen_cut  # --max_new_tokens 32 cuts some of the toy's answers
+
+
+def test_a_round_where_most_samples_are_cut_off_counts_them_and_warns():
+    eos, max_length = 0, 10
+    prompt = [5, 6, 7]  # 3 tokens: a response of at most 7 fits
+    responses = ([[9] * 4] * 5 + [[9, 9]]  # 6 cut off: no EOS within --max_new_tokens
+                 + [[9] * 7 + [eos]]  # 1 ended, but 3 + 8 > --max_length
+                 + [[9, eos], [eos], [9] * 6 + [eos]])  # 3 usable (the last exactly fills --max_length)
+    samples = [{"prompt_ids": prompt, "response_ids": responses[:5]},
+               {"prompt_ids": prompt, "response_ids": responses[5:]}]
+    metrics, lines = dice.length_drops(1, samples, eos, 4, max_length)
+    not_usable = sum(not dice.usable(prompt, r, eos, max_length) for r in responses)  # what round_data drops
+    assert metrics["samples/dropped_for_length"] == 7 == not_usable and metrics["samples/total"] == 10
+    assert metrics["samples/cut_at_max_new_tokens"] == 6 and metrics["samples/over_max_length"] == 1
+    assert metrics["samples/dropped_for_length_fraction"] == pytest.approx(0.7)
+    assert len(lines) == 2 and lines[0].startswith("round 1: 7 of 10 samples (70.0%) dropped for length")
+    assert lines[1].startswith("warning: round 1: 70%") and "raise --max_new_tokens and --max_length" in lines[1]
+    # one in ten dropped is not more than a tenth: counted, no warning; a tenth and a bit, only the flag that cut
+    mostly_usable = [{"prompt_ids": prompt, "response_ids": [[9, eos]] * 9 + [[9] * 4]}]
+    metrics, lines = dice.length_drops(2, mostly_usable, eos, 4, max_length)
+    assert metrics["samples/dropped_for_length"] == 1 and len(lines) == 1 and "warning" not in lines[0]
+    one_more_cut = mostly_usable + [{"prompt_ids": prompt, "response_ids": [[9] * 4]}]  # 2 of 11
+    metrics, lines = dice.length_drops(2, one_more_cut, eos, 4, max_length)
+    assert len(lines) == 2 and lines[1].endswith("raise --max_new_tokens (the authors: 2048 new tokens, 4096 in all)")
+
+
+def test_each_round_logs_and_prints_the_samples_dropped_for_length(setup):
+    out = setup["out"]
+    for t in (1, 2):
+        samples = read(out / f"round_{t}" / "samples.jsonl")
+        flags = [ok for row in samples for ok in row["usable"]]  # the responses round_data dropped or kept
+        dropped = flags.count(False)
+        first = read(out / f"round_{t}" / "metrics.jsonl")[0]
+        summary = json.load(open(out / f"round_{t}" / "summary.json"))
+        for logged in (first, summary):
+            assert logged["samples/total"] == len(flags) == 12 * 4
+            assert logged["samples/dropped_for_length"] == dropped
+            assert logged["samples/dropped_for_length_fraction"] == pytest.approx(dropped / len(flags))
+        assert f"round {t}: {dropped} of {len(flags)} samples" in setup["stdout"]
+        assert (f"warning: round {t}:" in setup["stdout"]) == (dropped > len(flags) / 10)
 
 
 def test_kills_inside_and_between_stages_resume_without_redoing_finished_stages(setup):

@@ -159,6 +159,28 @@ def test_temperature_scaling_minimises_the_held_out_log_loss():
     assert (separable / ddpo.fit_temperature(separable)).mean().item() == pytest.approx(10.0)  # capped
 
 
+def test_calibrated_margins_are_the_raw_ones_divided_by_the_fitted_temperature():
+    """compute_margins, which applies tau to the margins the loss reads: Delta / tau, for one teacher 5 times too
+    confident and one 5 times too timid, on the training and the held-out pairs (tau from the training pairs)."""
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(500, generator=g, dtype=torch.float64) * 2 + 0.8  # true log-odds that the first response wins
+    oriented = torch.where(torch.rand(500, generator=g, dtype=torch.float64) < torch.sigmoid(z), z, -z)
+    columns = {"over": oriented * 5.0, "under": oriented * 0.2}
+    rows = [("pairs.jsonl", i, {k: v[i].item() for k, v in columns.items()}) for i in range(500)]
+    train_rows, held_out_rows = rows[:400], rows[400:]
+    args = ddpo.parse_distill_args(["--objective", "ensemble", "--margin_column", "over,under"])
+    assert args.calibration == "temperature"  # the default
+    out = ddpo.compute_margins(args, [("column", "over"), ("column", "under")], train_rows, held_out_rows, "cpu")
+    for k, name in enumerate(columns):
+        raw = columns[name]
+        log_loss = lambda t: -torch.nn.functional.logsigmoid(raw[:400] / t).mean().item()
+        tau = min((math.exp(x / 500) for x in range(-2000, 2000)), key=log_loss)  # a plain scan over tau in [e^-4, e^4]
+        assert (3.5 < tau < 7.0) if name == "over" else (0.14 < tau < 0.29)  # far from 1: a wrong use shows
+        torch.testing.assert_close(out["train"][:, k].double(), raw[:400] / tau, rtol=5e-3, atol=1e-6)
+        torch.testing.assert_close(out["eval"][:, k].double(), raw[400:] / tau, rtol=5e-3, atol=1e-6)
+        torch.testing.assert_close(out["raw_train"][:, k], raw[:400])  # the raw margins are kept as they came
+
+
 # ---------------------------------------------------------------- the toy's biased annotators
 def test_relabelled_toy_pairs_prefer_longer_answers_more_often_as_the_bias_grows(toy_dir, tmp_path):
     shutil.copy(os.path.join(toy_dir, "train_pairs.jsonl"), tmp_path / "train_pairs.jsonl")

@@ -188,7 +188,7 @@ def test_d2po_resumed_under_fsdp_ends_like_an_uninterrupted_ddp_run_and_asks_eac
     run = lambda out, *extra: torchrun("d2po.py", [
         "--model", os.path.join(toy_dir, "sft"), "--dataset", str(pairs), "--gold", "toy", "--output_dir", str(out),
         "--batch_size", "2", "--grad_accum", "1", "--learning_rate", "1e-3", "--warmup_steps", "1",
-        "--max_new_tokens", "16", "--gold_per_window", "3", "--silver_per_window", "4", "--gold_budget", "7",
+        "--max_new_tokens", "16", "--gold_per_window", "3", "--window_pairs", "8", "--gold_budget", "7",
         "--disc_epochs", "1", "--disc_learning_rate", "1e-3", "--eval_every", "2", "--save_every", "2", *extra])
     run(tmp_path / "ddp", "--ddp", "--max_steps", "4")
     run(tmp_path / "fsdp", "--fsdp", "--max_steps", "2")

@@ -105,7 +105,7 @@ def toy_reward_model(toy_dir, tmp_path_factory):
 TOY_FLAGS = {"dice.py": ["--rounds", "1", "--num_samples", "4", "--min_valid", "2", "--max_prompts", "8",
                          "--max_new_tokens", "16", "--batch_size", "4"],
              "d2po.py": ["--max_new_tokens", "16", "--initial_gold", "2", "--gold_budget", "4", "--gold_per_window", "2",
-                         "--silver_per_window", "4", "--disc_epochs", "1"],
+                         "--window_pairs", "32", "--disc_epochs", "1"],
              "distilled_dpo.py": ["--objective", "distill"]}
 
 
@@ -170,7 +170,7 @@ COPY_FLAGS = {"dpo.py": ["--dataset", "pairs.jsonl"],
               "dice.py": ["--dataset", "pairs.jsonl", "--ref_model", "model", "--rounds", "1", "--num_samples", "4",
                           "--min_valid", "2", "--max_prompts", "8", "--max_new_tokens", "8"],
               "d2po.py": ["--dataset", "pairs.jsonl", "--gold", "human", "--max_new_tokens", "8", "--gold_budget", "2",
-                          "--gold_per_window", "2", "--silver_per_window", "4", "--disc_epochs", "1"],
+                          "--gold_per_window", "2", "--window_pairs", "32", "--disc_epochs", "1"],
               "pointwise_dpo.py": ["--dataset", "rows.jsonl"],
               "distilled_dpo.py": ["--dataset", "pairs.jsonl", "--num_reward_models", "2"]}
 

@@ -27,7 +27,7 @@ SCRIPTS = ["dpo.py", "dice.py", "pointwise_dpo.py", "distilled_dpo.py", "d2po.py
 EXTRA_FLAGS = {"dice.py": ["--ref_model", os.path.join(toy.DEFAULT_DIR, "sft"), "--rounds", "1", "--num_samples", "4",
                            "--min_valid", "2", "--max_prompts", "12"],  # one round on the SFT model's own samples
                "distilled_dpo.py": ["--num_reward_models", "2", "--gamma", "0.1"],  # all three stages, two small teachers
-               "d2po.py": ["--gold", "toy", "--max_new_tokens", "16", "--gold_per_window", "2", "--silver_per_window", "4",
+               "d2po.py": ["--gold", "toy", "--max_new_tokens", "16", "--gold_per_window", "2", "--window_pairs", "8",
                            "--gold_budget", "10", "--disc_epochs", "1"]}  # short samples, small windows
 TRAINING_DIR = {"dice.py": "round_1"}
 
