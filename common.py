@@ -6,17 +6,26 @@
 2. `encode_prompt` / `encode_response` / `truncate` / `collate`: (prompt, response) -> padded batch.
 3. `load_model` / `load_tokenizer` / `load_rows`: hub id or local path, with clear errors on bad data.
 """
+import argparse
 import atexit
 import contextlib
+import dataclasses
 import hashlib
 import json
+import math
 import os
+import random
+import shlex
+import shutil
 import signal
 import sys
+import time
 import traceback
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 
 # ---------------------------------------------------------------- log-probs
@@ -473,14 +482,31 @@ def load_tokenizer(name, trust_remote_code=False):
     return tokenizer
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers without its load reports ("score.weight MISSING ... newly initialized": expected for a fresh
+    scalar head) and its own progress bars ("Writing model shards"), which break into the run's bar."""
+    from transformers.utils import logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
 def from_pretrained(auto_class, name, what, **kwargs):
-    """auto_class.from_pretrained(name), with one line instead of a traceback when `name` is neither a local
+    """auto_class.from_pretrained(name), quietly, with one line instead of a traceback when `name` is neither a local
     save_pretrained directory nor a hub id that holds `what`."""
     if not os.path.isdir(name) and (os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise SystemExit(f"error: {name}: {'not a directory' if os.path.exists(name) else 'no such directory'}; "
                          f"expected a save_pretrained directory or a hub id")
     try:
-        return auto_class.from_pretrained(name, **kwargs)
+        with quiet_transformers():
+            return auto_class.from_pretrained(name, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"error: could not load {what} from {name}: {one_line(e)}")
 
@@ -935,3 +961,547 @@ def gather_objects(obj):
     objects = [None] * _dist().get_world_size()
     _dist().all_gather_object(objects, obj)
     return objects
+
+
+# ---------------------------------------------------------------- preference pairs: data, log-probs, metrics
+def load_pairs(source, tokenizer, args, split="train", rows=None):
+    """Tokenised (prompt_ids, chosen_ids, rejected_ids) triples of `source` (or of `rows` read from it); unusable
+    rows are dropped and counted; a pair too long loses its prompt's middle first (--max_length)."""
+    rows = load_rows(source, ["prompt", "chosen", "rejected"], split) if rows is None else rows
+    text = lambda v: v if isinstance(v, str) else "".join(m["content"] for m in v)
+    dropped = {"empty prompt or response": [], "chosen identical to rejected": [],
+               "prompt alone longer than --max_length": []}
+    pairs, n_cut = [], 0
+    for i, row in enumerate(tqdm(rows, desc=f"tokenizing {source}", disable=len(rows) < 10000), 1):
+        if not all(text(row[k]).strip() for k in ("prompt", "chosen", "rejected")):
+            dropped["empty prompt or response"].append(i)
+        elif row["chosen"] == row["rejected"]:
+            dropped["chosen identical to rejected"].append(i)
+        else:
+            prompt = encode_prompt(tokenizer, row["prompt"])
+            if len(prompt) >= args.max_length:
+                dropped["prompt alone longer than --max_length"].append(i)
+                continue
+            responses = [encode_response(tokenizer, row["prompt"], row[k]) for k in ("chosen", "rejected")]
+            prompt, (chosen, rejected), cut = truncate(prompt, responses, args.max_length, args.max_prompt_length,
+                                                       prompt_head_length(tokenizer, row["prompt"], prompt))
+            pairs.append((prompt, chosen, rejected))
+            n_cut += cut
+    report_dropped(source, dropped, len(rows))
+    if n_cut:
+        print(f"{source}: truncated {n_cut} of {len(pairs)} pairs to --max_length {args.max_length}")
+    return pairs
+
+
+def load_pair_data(args, tokenizer):
+    """Training and held-out pairs: --eval_dataset, or --eval_fraction of --dataset held out by a seeded shuffle."""
+    train = load_pairs(args.dataset, tokenizer, args, args.dataset_split)
+    if args.eval_dataset:
+        held_out = load_pairs(args.eval_dataset, tokenizer, args, "test")
+    else:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        n_eval = max(1, min(args.max_eval_pairs, int(len(train) * args.eval_fraction)))
+        held_out, train = [train[i] for i in order[:n_eval]], [train[i] for i in order[n_eval:]]
+    print(f"{len(train)} training pairs, {len(held_out[:args.max_eval_pairs])} held-out pairs")
+    return train, held_out[:args.max_eval_pairs]
+
+
+def pair_logps(model, pairs, pad_token_id, device):
+    """Summed response log-probs of chosen and rejected, in one forward pass, each prompt computed once."""
+    logps, _ = grouped_logps(model, [(p, [c, r]) for p, c, r in pairs], pad_token_id, device)  # (2B,): c, r, c, r...
+    return logps[0::2], logps[1::2]
+
+
+@torch.no_grad()
+def all_pair_logps(model, pairs, args, pad_token_id, device, desc=None):
+    """(N, 2) summed log-probs of chosen and rejected of every pair, in eval mode. Under torchrun each rank
+    computes its share and every rank gets the whole."""
+    share, out, was_training = my_share(len(pairs)), [torch.zeros(0, 2)], model.training
+    model.eval()
+    for s in tqdm(range(0, len(share), 2 * args.batch_size), desc=desc, disable=desc is None, leave=False):
+        chunk = [pairs[i] for i in share[s:s + 2 * args.batch_size]]
+        out.append(torch.stack(pair_logps(model, chunk, pad_token_id, device), -1).cpu())
+        crash_point("reference")
+    model.train(was_training)
+    return gather_shares(torch.cat(out), len(pairs))
+
+
+def dpo_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps):
+    """TRL's metric names, as one tensor per name (means over the pairs)."""
+    return {"loss": losses.mean(), "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": policy_chosen_logps.detach().mean(), "logps/rejected": policy_rejected_logps.detach().mean()}
+
+
+def evaluate_pairs(policy, pairs, reference_logps, args, pad_token_id, device, loss):
+    """Mean DPO metrics of `loss` (a script's DPO loss: four log-prob tensors, beta, label smoothing -> losses,
+    chosen and rejected rewards) on held-out pairs, TRL's names with the eval_ prefix; the policy in eval mode."""
+    policy_logps = all_pair_logps(policy, pairs, args, pad_token_id, device, "evaluating").unbind(-1)
+    metrics = dpo_metrics(*loss(*policy_logps, *reference_logps.unbind(-1), args.beta, args.label_smoothing),
+                          *policy_logps)
+    return {f"eval_{k}": v.item() for k, v in metrics.items()}
+
+
+def cached(path, record, compute):
+    """compute() once, kept at `path` with the record of what it was computed from; a resumed run reuses it (and
+    never another run's). Under torchrun every rank computes (its share), rank 0 writes."""
+    fixed = {k: v for k, v in record["args"].items() if k not in RESUME_MAY_CHANGE}, record["inputs"]
+    if on_rank_0(os.path.exists, path):  # the same answer on every rank
+        cache = torch.load(path, weights_only=False)
+        if cache["record"] != fixed:
+            sys.exit(f"error: {path} was computed for other flags or inputs; remove it to compute it again")
+        return cache
+    cache = compute()
+    if is_main():
+        torch.save({**cache, "record": fixed}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return cache
+
+
+def reference_cache(args, policy, splits, record, pad_token_id, device, directory=None, logps=None):
+    """Reference log-probs of every item of each split (name -> pairs, or what `logps` scores) under the initial
+    policy (pi = pi_ref at step 0), computed once and kept in the run's directory (`cached`)."""
+    logps = logps or all_pair_logps
+    return cached(os.path.join(directory or args.output_dir, "reference_logps.pt"), record,
+                  lambda: {name: logps(policy, items, args, pad_token_id, device, "reference log-probs")
+                           for name, items in splits.items()})
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch on n CPU threads inside the block. The toy's model is too small to share an operation among threads:
+    on 2 busy cores, 512 samples of it took 51 s with 2 threads and 3.7 s with one, a DPO step 4x as long."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- the run: flags
+@dataclass
+class RunArgs:
+    """The flags every script has; a script's Args adds its own after them, and may redefine one (its default, its
+    help). Settings of the toy task are a script's TOY_DEFAULTS, used when --model is not given."""
+    model: str = field(default=None, metadata={"help": "policy to train: hub id or local directory (default: the built-in toy model)"})
+    ref_model: str = field(default=None, metadata={"help": "frozen reference model; default: reference log-probs precomputed with the initial policy"})
+    dataset: str = field(default=None, metadata={"help": "preference data (prompt/chosen/rejected): hub name, .jsonl/.json/.parquet, or a save_to_disk folder (default: toy)"})
+    dataset_split: str = field(default="train", metadata={"help": "split of a hub dataset to train on"})
+    eval_dataset: str = field(default=None, metadata={"help": "held-out preference data; default: hold out --eval_fraction of --dataset"})
+    eval_fraction: float = field(default=0.02, metadata={"help": "fraction of --dataset held out when no --eval_dataset is given"})
+    output_dir: str = field(default=None, metadata={"help": "where checkpoints and metrics go (default: runs/<script>-<time>)"})
+    max_steps: int = field(default=None, metadata={"help": "optimizer steps (default: --epochs over the data)"})
+    epochs: int = field(default=1, metadata={"help": "passes over the training data, when --max_steps is not given"})
+    batch_size: int = field(default=8, metadata={"help": "pairs per micro-batch (one forward pass of 2 x batch_size rows)"})
+    grad_accum: int = field(default=8, metadata={"help": "micro-batches per optimizer step"})
+    learning_rate: float = field(default=1e-6, metadata={"help": "peak learning rate (DPO paper: 1e-6)"})
+    warmup_steps: int = field(default=150, metadata={"help": "linear warm-up steps, then constant (DPO paper: 150)"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw or rmsprop (the DPO paper's)", "choices": ["adamw", "rmsprop"]})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=10.0, metadata={"help": "gradient clipping norm (DPO reference code: 10)"})
+    beta: float = field(default=0.1, metadata={"help": "KL strength beta (DPO paper: 0.1; 0.5 for TL;DR)"})
+    max_length: int = field(default=512, metadata={"help": "max tokens of prompt + response; the prompt's middle is cut first"})
+    max_prompt_length: int = field(default=None, metadata={"help": "a cut prompt keeps at least this many tokens (default max_length // 2)"})
+    seed: int = field(default=0, metadata={"help": "seed of the data order and of everything random"})
+    eval_every: int = field(default=100, metadata={"help": "evaluate on the held-out data every N steps"})
+    save_every: int = field(default=500, metadata={"help": "write a checkpoint every N steps"})
+    toy_eval_every: int = field(default=0, metadata={"help": "toy task only: every N steps also sample the test prompts and "
+                                                             "log gold reward, length and KL, a training curve (0: never)"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --output_dir from its newest checkpoint"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
+    dtype: str = field(default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU",
+                                                 "choices": ["auto", "float32", "bfloat16", "float16"]})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
+    ddp: bool = field(default=False, metadata={"help": "under torchrun: a full copy of the model a process (default below 1B parameters)"})
+    fsdp: bool = field(default=False, metadata={"help": "under torchrun: the model sharded over the processes with FSDP2 (default from 1B parameters)"})
+
+
+POSITIVE, AT_LEAST_1 = (lambda v: 0 < v < math.inf, "a positive number"), (lambda v: v >= 1, "at least 1")
+OPTIONAL_AT_LEAST_1 = (lambda v: v is None or v >= 1, "at least 1")
+ZERO_OR_MORE = (lambda v: v >= 0, "0 or more")
+RUN_CHECKS = dict(batch_size=AT_LEAST_1, grad_accum=AT_LEAST_1, epochs=AT_LEAST_1, eval_every=AT_LEAST_1,
+                  save_every=AT_LEAST_1, max_length=(lambda v: v >= 2, "at least 2"), max_steps=OPTIONAL_AT_LEAST_1,
+                  max_prompt_length=OPTIONAL_AT_LEAST_1, toy_eval_every=ZERO_OR_MORE, warmup_steps=ZERO_OR_MORE,
+                  weight_decay=(lambda v: 0 <= v < math.inf, "0 or more"), learning_rate=POSITIVE, beta=POSITIVE,
+                  max_grad_norm=POSITIVE, eval_fraction=(lambda v: 0 < v < 1, "between 0 and 1"))
+RESUME_MAY_CHANGE = ("max_steps", "eval_every", "save_every", "toy_eval_every")  # every other flag must match the run's
+
+
+def parse_flags(args_class, toy_defaults, checks, argv=None, description=None):
+    """Flags as given, over the toy's defaults when --model is not given, over the dataclass' defaults; every value
+    is checked (RUN_CHECKS and the script's `checks`: name -> (ok(value), what it must be)) before anything is read
+    or written. Each flag also has a dashed spelling."""
+    parser = argparse.ArgumentParser(description=description)
+    for f in dataclasses.fields(args_class):
+        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        default = "" if f.default is None or f.type is bool else f" (default: {f.default}" + (
+            f"; toy: {toy_defaults[f.name]})" if f.name in toy_defaults else ")")
+        kind = dict(action="store_true") if f.type is bool else dict(type=f.type, choices=f.metadata.get("choices"))
+        parser.add_argument(*flags, **kind, default=argparse.SUPPRESS, help=f.metadata["help"] + default)
+    given = vars(parser.parse_args(argv))  # only the flags on the command line: an explicit one always wins
+    defaults = {f.name: f.default for f in dataclasses.fields(args_class)}
+    args = args_class(**{**defaults, **(toy_defaults if "model" not in given else {}), **given})
+    for name, (ok, expected) in {**RUN_CHECKS, **checks}.items():
+        if not ok(getattr(args, name)):
+            sys.exit(f"error: --{name} must be {expected} (got {getattr(args, name)})")
+    if args.toy_eval_every and args.dataset:
+        sys.exit("error: --toy_eval_every is for the built-in toy task (without --dataset)")
+    if args.dataset and not args.model:
+        sys.exit("error: --dataset needs --model (without --model, the built-in toy task runs on its own data)")
+    if args.resume and not args.output_dir:
+        sys.exit("error: --resume needs the --output_dir of the run to continue")
+    return args
+
+
+# ---------------------------------------------------------------- the run: its directory
+def check_output_dir(args):
+    """Refuse, before anything is loaded or written, a directory this run may not use: a file, a read-only
+    place, another run's files without --resume, or --resume where no run is. Returns the newest checkpoint
+    to resume from, or None (a run killed before its first checkpoint restarts from step 0)."""
+    directory = args.output_dir
+    if directory and os.path.exists(directory) and not os.path.isdir(directory):
+        sys.exit(f"error: --output_dir {directory} is a file")
+    parent = directory if directory and os.path.isdir(directory) else os.path.dirname(os.path.abspath(directory or "runs"))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        sys.exit(f"error: --output_dir {directory}: cannot write in {parent}")
+    if args.resume:
+        if not os.path.exists(os.path.join(directory, "args.json")):
+            sys.exit(f"error: --resume: no run to continue in {directory} (no args.json)")
+        checkpoints = list_checkpoints(directory)
+        return checkpoints[-1] if checkpoints else None
+    if directory and os.path.isdir(directory) and os.listdir(directory):
+        sys.exit(f"error: --output_dir {directory} already holds files (another run?); pass --resume to continue "
+                 f"it, or choose another --output_dir")
+    return None
+
+
+def run_record(args, tokenizer, **inputs):
+    """What the checkpoints and the reference cache depend on: every flag, and the content of every input (the four
+    every script has, and the script's own `inputs`: name -> path or hub id)."""
+    names = dict.fromkeys(("model", "ref_model", "dataset", "eval_dataset"))
+    inputs = {name: fingerprint(getattr(args, name) if path is None else path) for name, path in {**names, **inputs}.items()}
+    vocabulary = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.chat_template, tokenizer.eos_token])
+    inputs["tokenizer"] = hashlib.sha256(vocabulary.encode()).hexdigest()
+    flags = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("output_dir", "resume")}  # not the run's
+    flags["processes"] = world_size()  # torchrun's ranks: part of the batch, so a resume needs as many
+    return {"args": flags, "inputs": inputs}
+
+
+def check_resume(args, record):
+    """A resumed run must have the flags and inputs of the run it continues, except RESUME_MAY_CHANGE."""
+    path = os.path.join(args.output_dir, "args.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except ValueError as e:
+        sys.exit(f"error: {path}: not the record of a run ({e})")
+    for section, values in record.items():
+        for name, value in values.items():
+            there = saved.get(section, {}).get(name)
+            if name not in RESUME_MAY_CHANGE and there != value:
+                what = ("the number of processes" if name == "processes" else f"--{name}" if section == "args"
+                        else f"the content of --{name}")
+                sys.exit(f"error: --resume: {what} differs from the run in {args.output_dir} ({there!r} there, "
+                         f"{value!r} here); a resumed run may change only --{', --'.join(RESUME_MAY_CHANGE)}")
+
+
+def claim_output_dir(args, record, script):
+    """Make the directory this run's alone: args.json is linked into place, which fails if another run got there
+    first (then the default name, runs/<script>-<time>, takes a suffix; an explicit --output_dir is an error)."""
+    base = args.output_dir or time.strftime(f"runs/{script}-%Y%m%d-%H%M%S")
+    for n in range(1000):
+        directory = base if n == 0 else f"{base}-{n}"
+        try:
+            os.makedirs(directory, exist_ok=True)
+            tmp = os.path.join(directory, f".args-{os.getpid()}.json")
+            with open(tmp, "w") as f:
+                json.dump(record, f, indent=1)
+            try:
+                os.link(tmp, os.path.join(directory, "args.json"))  # atomic, and fails if the file exists
+            finally:
+                os.remove(tmp)
+            args.output_dir = directory
+            return directory
+        except FileExistsError:
+            if args.output_dir:
+                sys.exit(f"error: --output_dir {directory} was just taken by another run; choose another --output_dir")
+        except OSError as e:
+            sys.exit(f"error: --output_dir {directory}: {e}")
+
+
+# ---------------------------------------------------------------- the run: checkpoints and metrics
+def save_checkpoint(directory, policy, tokenizer, optimizer, scheduler, step, extra=None):
+    """Write checkpoint-<step> into a temporary directory, then rename it, then delete the older ones: a kill at
+    any instant leaves at least one complete checkpoint. `extra`: the script's own state (rank 0's is saved, in
+    extra_state.pt: a discriminator, a window, ...); under torchrun every rank calls this."""
+    final = os.path.join(directory, f"checkpoint-{step}")
+    if os.path.exists(final):
+        return final
+    model_state, optimizer_state = full_state(policy, optimizer)  # under torchrun: gathered on rank 0
+    rng = gather_objects({"torch": torch.get_rng_state(), "python": random.getstate(),  # every rank's
+                          "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})
+    if not is_main():
+        return final
+    tmp = os.path.join(directory, f".tmp-checkpoint-{step}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with quiet_transformers():
+        policy.save_pretrained(tmp, state_dict=model_state)  # safetensors
+    tokenizer.save_pretrained(tmp)
+    crash_point("checkpoint")
+    torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
+    if extra is not None:
+        torch.save(extra, os.path.join(tmp, "extra_state.pt"))
+    torch.save({"scheduler": scheduler.state_dict(), "step": step, "rng": rng}, os.path.join(tmp, "training_state.pt"))
+    os.rename(tmp, final)
+    for old in list_checkpoints(directory)[:-1]:  # keep only the newest
+        shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(directory):
+    found = [d for d in os.listdir(directory) if d.startswith("checkpoint-")] if os.path.isdir(directory) else []
+    return [os.path.join(directory, d) for d in sorted(found, key=lambda d: int(d.split("-")[1]))]
+
+
+def restore(checkpoint, policy, optimizer, scheduler):
+    """Optimizer, scheduler and random state of a checkpoint (each rank's own); returns its step and the script's
+    extra state (rank 0 reads it; None on the other ranks, and where none was saved)."""
+    state = torch.load(os.path.join(checkpoint, "training_state.pt"), weights_only=False)
+    optimizer_state = torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=False) if is_main() else {}
+    load_optimizer_state(policy, optimizer, optimizer_state)
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"][this_rank()]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
+    print(f"resuming from {checkpoint} at step {state['step']}")
+    path = os.path.join(checkpoint, "extra_state.pt")
+    return state["step"], torch.load(path, weights_only=False) if is_main() and os.path.exists(path) else None
+
+
+def finished(directory, start_step, max_steps):
+    """The final model is written last, and its config.json last of all: present means the run completed."""
+    return start_step >= max_steps and os.path.exists(os.path.join(directory, "config.json"))
+
+
+def save_final(directory, policy, tokenizer):
+    """The final model in the output directory itself (so --model <output_dir> works), config.json last."""
+    model_state, _ = full_state(policy)  # under torchrun: gathered on rank 0
+    if not is_main():
+        return
+    tmp = os.path.join(directory, ".tmp-final")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with quiet_transformers():
+        policy.save_pretrained(tmp, state_dict=model_state)
+    tokenizer.save_pretrained(tmp)
+    for name in sorted(os.listdir(tmp), key=lambda name: name == "config.json"):
+        os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+    os.rmdir(tmp)
+    print(f"saved the final model to {directory}")
+
+
+def open_metrics(directory, start_step):
+    """metrics.jsonl without what an interrupted run logged after its checkpoint; returns log(row), which puts
+    each row on disk before it returns (under torchrun: rank 0's log; the others' does nothing)."""
+    if not is_main():
+        return lambda row: None
+    path = os.path.join(directory, "metrics.jsonl")
+    kept = []
+    if start_step and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                with contextlib.suppress(ValueError):  # a line cut short by a kill
+                    row = json.loads(line)
+                    kept += [line] if row["step"] <= start_step and "toy/gold_reward_after" not in row else []
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    metrics_file = open(path, "a")
+
+    def log(row):
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        os.fsync(metrics_file.fileno())
+    return log
+
+
+def stop(message, directory):
+    last = list_checkpoints(directory)
+    raise SystemExit(f"error: {message}; stopping. Last good checkpoint: {last[-1] if last else 'none'}")
+
+
+# ---------------------------------------------------------------- the run: signals, and its shape from start to end
+@dataclass
+class Run:
+    """What the shared machinery keeps of a running script: its flags and command line, its file, where torchrun put
+    it, the checkpoint it resumes from, the signals' state and, once open, its metrics log."""
+    args: object
+    argv: list
+    script: str  # the script's file name, e.g. "dpo.py"
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+    checkpoint: str = None
+    signals: dict = field(default_factory=lambda: {"stop_after_step": False, "requested": None})
+    log: object = None
+    save_seconds: float = 0.0
+
+
+def resume_command(run):
+    """'Continue with: <the command line that continues this run>', or None before the run has its directory."""
+    args, argv = run.args, run.argv
+    if not args.output_dir or not os.path.exists(os.path.join(args.output_dir, "args.json")):
+        return None
+    command = [sys.argv[0], *sys.argv[1:]] if argv is None else [run.script, *argv]
+    command += [] if any(a.startswith(("--output_dir", "--output-dir")) for a in command) else ["--output_dir", args.output_dir]
+    launcher = ["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"] if world_size() > 1 else ["python"]
+    return "Continue with: " + shlex.join(launcher + command + ([] if "--resume" in command else ["--resume"]))
+
+
+@contextlib.contextmanager
+def start_run(args, argv, script_file):
+    """The run of a script (its __file__) with these flags: torchrun's process group if any, the output directory
+    checked (nothing read or written yet), and SIGINT (Ctrl-C) / SIGTERM handled: while run.signals'
+    stop_after_step is set, the loop is asked to stop after its step (`requested`); otherwise, or a second time,
+    the run stops at once. Either way the last line says how to continue."""
+    run = Run(args, argv, os.path.basename(script_file))
+    run.rank, run.world, run.device = init_distributed(args)  # (0, 1, "cuda" or "cpu") unless under torchrun
+    run.checkpoint = on_rank_0(check_output_dir, args)  # reads only
+
+    def handler(signum, frame):
+        if run.signals["stop_after_step"] and not run.signals["requested"]:
+            run.signals["requested"] = signum
+            tqdm.write(f"{signal.Signals(signum).name}: stopping after this step (send it again to stop at once)")
+        else:
+            raise KeyboardInterrupt
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield run
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted. {resume_command(run) or 'Nothing was written.'}")
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def toy_task(args, dataset="train_pairs.jsonl", eval_dataset="test_pairs.jsonl"):
+    """The built-in toy task when --model is not given: (the toy module, its directory), with --model, --dataset
+    and --eval_dataset set to its SFT model and data files (a file name, or None for none); else (None, None)."""
+    if args.model is not None:
+        return None, None
+    import toy
+    toy_dir = toy.ensure_built()
+    args.model = os.path.join(toy_dir, "sft")
+    args.dataset = dataset and os.path.join(toy_dir, dataset)
+    args.eval_dataset = args.eval_dataset or eval_dataset and os.path.join(toy_dir, eval_dataset)
+    return toy, toy_dir
+
+
+def steps_of(args, n, world, what="pairs"):
+    """(steps per epoch, the run's steps) for n training items (pairs, rows, prompts), --batch_size x --grad_accum
+    of them per process a step; too few for one step stops the run here."""
+    per_step = args.batch_size * args.grad_accum * world
+    if n // per_step == 0:
+        sys.exit(f"error: --batch_size {args.batch_size} x --grad_accum {args.grad_accum} x {world} processes = "
+                 f"{per_step} {what} per step, but {args.dataset} gives only {n} training {what}")
+    return n // per_step, args.max_steps or args.epochs * (n // per_step)
+
+
+def load_policy(run, checkpoint=None):
+    """The policy: the checkpoint's weights or --model's, seeded first, with gradient checkpointing if asked, and
+    under torchrun wrapped in DDP or FSDP2. Returns it and which wrapper ("ddp", "fsdp" or None)."""
+    args = run.args
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    policy = load_model(checkpoint or args.model, args.dtype, run.device, args.trust_remote_code)
+    if args.gradient_checkpointing:
+        enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
+        enable({"use_reentrant": False})  # the name since transformers 5.x; the old one before
+    return policy, parallelize(policy, args)  # under torchrun: DDP or FSDP2; else nothing
+
+
+def make_optimizer(policy, args):
+    """AdamW (or RMSprop) over the policy, and its learning rate: linear warm-up, then constant (DPO paper App. B)."""
+    if args.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+                                      fused=True)  # one kernel per step: 1.1-1.2x faster steps at vocab 128k (bench/)
+    else:
+        optimizer = torch.optim.RMSprop(policy.parameters(), lr=args.learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
+    return optimizer, scheduler
+
+
+def training_bar(run, policy, start_step, max_steps, desc):
+    """The loop's steps with a progress bar; from here Ctrl-C / SIGTERM finish the step and save first."""
+    run.signals["stop_after_step"] = True
+    run.save_seconds = 3 * sum(p.numel() * p.element_size() for p in policy.parameters()) / 2e8  # a guess at 200 MB/s
+    return tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc=desc)
+
+
+def update(run, policy, optimizer, scheduler, sums, step):
+    """The end of a step's backward passes: clip the gradient, one host sync for the step's metrics (mean over the
+    ranks; `sums`: name -> tensor), stop on a non-finite loss or gradient, keeping the last good checkpoint, then
+    the optimizer and scheduler step. Returns the step's row of metrics (without `step`)."""
+    grad_norm = clip_grad_norm_(policy, run.args.max_grad_norm)
+    values = mean_over_ranks(torch.stack([*sums.values(), grad_norm.float()])).tolist()  # one host sync
+    row = dict(zip([*sums, "grad_norm"], values))
+    if not all(map(math.isfinite, values)):
+        stop(f"non-finite loss or gradient at step {step + 1} ({row})", run.args.output_dir)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    crash_point("step")
+    return row
+
+
+def eval_line(row):
+    return (f"eval loss {row['eval_loss']:.4f}, accuracy {row['eval_rewards/accuracies']:.3f}, "
+            f"margin {row['eval_rewards/margins']:.3f}")
+
+
+def end_of_step(run, row, step, max_steps, bar, evaluate, save, toy_curve=None, describe=eval_line):
+    """After step `step` (0-based): evaluate (a function returning eval_ metrics, or None for none) every
+    --eval_every steps and at the end, and print describe(row); log the toy's curve (toy_curve(): its figures) every
+    --toy_eval_every steps; write the row; save a checkpoint (save()) every --save_every steps, at the end, or when
+    a signal asked the run to stop, and stop then."""
+    args = run.args
+    if evaluate and ((step + 1) % args.eval_every == 0 or step + 1 == max_steps):
+        row.update(evaluate())
+        tqdm.write(f"step {step + 1}: {describe(row)}")
+    if toy_curve and args.toy_eval_every and (step + 1) % args.toy_eval_every == 0 and step + 1 < max_steps:
+        row.update({f"toy/{k}": v for k, v in toy_curve().items()})
+    run.log(row)
+    requested, slow_save = agree(run.signals["requested"] or 0, run.save_seconds >= 10)  # the same on every rank
+    if (step + 1) % args.save_every == 0 or step + 1 == max_steps or requested and not slow_save:
+        started = time.time()
+        save()
+        run.save_seconds = time.time() - started
+    if requested:
+        bar.close()
+        print(f"stopped after step {step + 1}; newest checkpoint: "
+              f"{(list_checkpoints(args.output_dir) or ['none (a resume starts at step 0)'])[-1]}. "
+              f"{resume_command(run) or ''}", file=sys.stderr)
+        raise SystemExit(128 + int(requested))
+
+
+def toy_before(toy, toy_dir, reference, tokenizer, seed):
+    """The toy's test prompts and the gold reward, length and KL of the starting model's samples on them."""
+    prompts = toy.test_prompts(toy_dir)
+    return prompts, toy.evaluate(reference, reference, tokenizer, prompts, seed=seed)
+
+
+def toy_after(toy, prompts, before, policy, reference, tokenizer, seed, log, step):
+    """The toy's figures after training, logged (toy/<name>_before, toy/<name>_after) and printed in the words every
+    script ends with."""
+    after = toy.evaluate(policy, reference, tokenizer, prompts, seed=seed)
+    log({"step": step, **{f"toy/{k}_before": v for k, v in before.items()},
+         **{f"toy/{k}_after": v for k, v in after.items()}})
+    print(f"toy task, {len(prompts)} test prompts, one sample each:\n"
+          f"  gold reward {before['gold_reward']:+.3f} -> {after['gold_reward']:+.3f}   "
+          f"length {before['length']:.1f} -> {after['length']:.1f} words   "
+          f"KL(policy || reference) {before['kl']:.2f} -> {after['kl']:.2f} nats")

@@ -148,8 +148,9 @@ def test_gradient_checkpointing_trains_like_the_plain_run(toy_dir, tmp_path, mon
         calls[run], forward = 0, mlp.forward
         mlp.forward = lambda *x, **y: calls.__setitem__(run, calls[run] + mlp.training) or forward(*x, **y)
         return model
-    load_model = dpo.load_model
-    monkeypatch.setattr(dpo, "load_model", counting_load_model)
+    import common  # the policy is loaded by common.load_policy
+    load_model = common.load_model
+    monkeypatch.setattr(common, "load_model", counting_load_model)
     data = small_dataset(toy_dir, tmp_path)
     common = ["--model", os.path.join(toy_dir, "sft"), "--dataset", data, "--batch_size", "4", "--grad_accum", "1",
               "--learning_rate", "1e-3", "--warmup_steps", "1", "--eval_every", "3", "--max_steps", "4"]

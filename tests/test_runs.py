@@ -8,6 +8,7 @@ flags, have main(argv) and claim_output_dir(args, record), and call common.crash
 loop writes checkpoints and metrics.jsonl in a subdirectory of --output_dir, that subdirectory in TRAINING_DIR."""
 import contextlib
 import importlib
+import inspect
 import json
 import os
 import shutil
@@ -170,11 +171,13 @@ def test_runs_started_together_never_share_a_directory(script, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(time, "strftime", lambda fmt: "runs/x-same-second")  # two runs in one second
     first, second = module.parse_args([]), module.parse_args([])
-    assert module.claim_output_dir(first, {}) == "runs/x-same-second"
-    assert module.claim_output_dir(second, {}) == "runs/x-same-second-1"
+    claim = module.claim_output_dir  # common.claim_output_dir(args, record, script), or a script's own copy
+    name = [script[:-3]] if len(inspect.signature(claim).parameters) == 3 else []
+    assert claim(first, {}, *name) == "runs/x-same-second"
+    assert claim(second, {}, *name) == "runs/x-same-second-1"
     explicit = module.parse_args(["--output_dir", "runs/x-same-second"])
     with pytest.raises(SystemExit, match="taken by another run"):
-        module.claim_output_dir(explicit, {})
+        claim(explicit, {}, *name)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -309,7 +312,7 @@ def test_generated_rows_load_or_stop_with_one_line_before_anything_is_written(sc
             assert "\n" not in stopped.code and ("rows.jsonl" in stopped.code or "--" in stopped.code), stopped.code
         assert not out.exists()
 
-    module.claim_output_dir = lambda args, record: (_ for _ in ()).throw(Reached())
+    module.claim_output_dir = lambda *args: (_ for _ in ()).throw(Reached())
     try:
         check()
     finally:
