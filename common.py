@@ -440,13 +440,18 @@ def collate_shared(groups, pad_token_id, row_tokens=None):
 
 
 # ---------------------------------------------------------------- loading
+def torch_dtype(name, device):
+    """--dtype as a torch dtype: auto is bf16 on a CUDA device that has it, fp32 elsewhere."""
+    if name == "auto":
+        name = "bfloat16" if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    return getattr(torch, name)
+
+
 def load_model(name, dtype="auto", device=None, trust_remote_code=False):
     """A causal LM from a hub id or a local save_pretrained directory, dropout off (DPO needs pi = pi_ref at init)."""
     from transformers import AutoModelForCausalLM
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        dtype = "bfloat16" if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-    model = from_pretrained(AutoModelForCausalLM, name, "a causal LM", dtype=getattr(torch, dtype),
+    model = from_pretrained(AutoModelForCausalLM, name, "a causal LM", dtype=torch_dtype(dtype, device),
                             trust_remote_code=trust_remote_code)
     return disable_dropout(model).to(device)
 
@@ -927,17 +932,13 @@ def full_state(model, optimizer=None, weights=True):
             tied.add(name)
         seen.add(id(p))
     model_state = None if model_state is None else {k: v for k, v in model_state.items() if k not in tied}
-    if optimizer is None or not isinstance(optimizer, torch.optim.Optimizer):  # none, or one that saves itself
-        return model_state, optimizer and optimizer.state_dict()  # (D2PO's optimizer plus discriminator)
-    return model_state, get_optimizer_state_dict(model, optimizer, options=options)
+    return model_state, optimizer and get_optimizer_state_dict(model, optimizer, options=options)
 
 
 def load_optimizer_state(model, optimizer, state):
     """The optimizer state of `full_state` into this rank's optimizer (its shard under FSDP2); under torchrun
     only rank 0 needs to have read it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        return optimizer.load_state_dict(state)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=_dist() is not None)
     set_optimizer_state_dict(model, optimizer, state or {}, options=options)
 
@@ -1081,6 +1082,11 @@ def torch_threads(n):
 
 
 # ---------------------------------------------------------------- the run: flags
+def flag(default, help, choices=None):
+    """A field of an Args dataclass: its default, its one line of --help, the values it may take."""
+    return field(default=default, metadata={"help": help, **({"choices": choices} if choices else {})})
+
+
 @dataclass
 class RunArgs:
     """The flags every script has; a script's Args adds its own after them, and may redefine one (its default, its
@@ -1181,9 +1187,9 @@ def check_output_dir(args):
 
 def run_record(args, tokenizer, **inputs):
     """What the checkpoints and the reference cache depend on: every flag, and the content of every input (the four
-    every script has, and the script's own `inputs`: name -> path or hub id)."""
-    names = dict.fromkeys(("model", "ref_model", "dataset", "eval_dataset"))
-    inputs = {name: fingerprint(getattr(args, name) if path is None else path) for name, path in {**names, **inputs}.items()}
+    every script has, and the script's own `inputs`: name -> path, hub id or None)."""
+    sources = {**{name: getattr(args, name) for name in ("model", "ref_model", "dataset", "eval_dataset")}, **inputs}
+    inputs = {name: fingerprint(source) for name, source in sources.items()}
     vocabulary = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.chat_template, tokenizer.eos_token])
     inputs["tokenizer"] = hashlib.sha256(vocabulary.encode()).hexdigest()
     flags = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("output_dir", "resume")}  # not the run's
@@ -1402,13 +1408,13 @@ def toy_task(args, dataset="train_pairs.jsonl", eval_dataset="test_pairs.jsonl")
     return toy, toy_dir
 
 
-def steps_of(args, n, world, what="pairs"):
+def steps_of(args, n, world, what="pairs", have=None):
     """(steps per epoch, the run's steps) for n training items (pairs, rows, prompts), --batch_size x --grad_accum
-    of them per process a step; too few for one step stops the run here."""
+    of them per process a step; too few for one step stops the run here, saying it has only n `have`."""
     per_step = args.batch_size * args.grad_accum * world
     if n // per_step == 0:
         sys.exit(f"error: --batch_size {args.batch_size} x --grad_accum {args.grad_accum} x {world} processes = "
-                 f"{per_step} {what} per step, but {args.dataset} gives only {n} training {what}")
+                 f"{per_step} {what} per step, but {args.dataset} gives only {n} {have or 'training ' + what}")
     return n // per_step, args.max_steps or args.epochs * (n // per_step)
 
 
@@ -1423,6 +1429,14 @@ def load_policy(run, checkpoint=None):
         enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
         enable({"use_reentrant": False})  # the name since transformers 5.x; the old one before
     return policy, parallelize(policy, args)  # under torchrun: DDP or FSDP2; else nothing
+
+
+def frozen(model, args):
+    """A model for scoring only (a reference, a judge): eval mode, no gradients, under torchrun sharded (FSDP2) or
+    whole (DDP)."""
+    model.eval().requires_grad_(False)
+    parallelize(model, args, trainable=False)
+    return model
 
 
 def make_optimizer(policy, args):
@@ -1443,15 +1457,15 @@ def training_bar(run, policy, start_step, max_steps, desc):
     return tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc=desc)
 
 
-def update(run, policy, optimizer, scheduler, sums, step):
+def update(run, policy, optimizer, scheduler, sums, step, directory=None):
     """The end of a step's backward passes: clip the gradient, one host sync for the step's metrics (mean over the
-    ranks; `sums`: name -> tensor), stop on a non-finite loss or gradient, keeping the last good checkpoint, then
-    the optimizer and scheduler step. Returns the step's row of metrics (without `step`)."""
+    ranks; `sums`: name -> tensor), stop on a non-finite loss or gradient, keeping the last good checkpoint (in
+    `directory`, default --output_dir), then the optimizer and scheduler step. Returns the step's row of metrics."""
     grad_norm = clip_grad_norm_(policy, run.args.max_grad_norm)
     values = mean_over_ranks(torch.stack([*sums.values(), grad_norm.float()])).tolist()  # one host sync
     row = dict(zip([*sums, "grad_norm"], values))
     if not all(map(math.isfinite, values)):
-        stop(f"non-finite loss or gradient at step {step + 1} ({row})", run.args.output_dir)
+        stop(f"non-finite loss or gradient at step {step + 1} ({row})", directory or run.args.output_dir)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -1464,11 +1478,11 @@ def eval_line(row):
             f"margin {row['eval_rewards/margins']:.3f}")
 
 
-def end_of_step(run, row, step, max_steps, bar, evaluate, save, toy_curve=None, describe=eval_line):
+def end_of_step(run, row, step, max_steps, bar, evaluate, save, toy_curve=None, describe=eval_line, directory=None):
     """After step `step` (0-based): evaluate (a function returning eval_ metrics, or None for none) every
     --eval_every steps and at the end, and print describe(row); log the toy's curve (toy_curve(): its figures) every
     --toy_eval_every steps; write the row; save a checkpoint (save()) every --save_every steps, at the end, or when
-    a signal asked the run to stop, and stop then."""
+    a signal asked the run to stop, and stop then, naming the newest checkpoint in `directory` (default --output_dir)."""
     args = run.args
     if evaluate and ((step + 1) % args.eval_every == 0 or step + 1 == max_steps):
         row.update(evaluate())
@@ -1484,7 +1498,7 @@ def end_of_step(run, row, step, max_steps, bar, evaluate, save, toy_curve=None, 
     if requested:
         bar.close()
         print(f"stopped after step {step + 1}; newest checkpoint: "
-              f"{(list_checkpoints(args.output_dir) or ['none (a resume starts at step 0)'])[-1]}. "
+              f"{(list_checkpoints(directory or args.output_dir) or ['none (a resume starts at step 0)'])[-1]}. "
               f"{resume_command(run) or ''}", file=sys.stderr)
         raise SystemExit(128 + int(requested))
 
@@ -1505,3 +1519,44 @@ def toy_after(toy, prompts, before, policy, reference, tokenizer, seed, log, ste
           f"  gold reward {before['gold_reward']:+.3f} -> {after['gold_reward']:+.3f}   "
           f"length {before['length']:.1f} -> {after['length']:.1f} words   "
           f"KL(policy || reference) {before['kl']:.2f} -> {after['kl']:.2f} nats")
+
+
+# ---------------------------------------------------------------- reward models (distilled_dpo.py's teachers)
+def check_reward_model(name, flag, trust_remote_code=False):
+    """A given reward model must be a sequence classifier with one output: checked on its config (and its tokenizer
+    loaded), before anything is written; `flag` names where it was given."""
+    from transformers import AutoConfig
+    config = from_pretrained(AutoConfig, name, "a reward model", trust_remote_code=trust_remote_code)
+    architectures = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
+        sys.exit(f"error: {flag} {name}: not a reward model (a sequence classifier with one output): its "
+                 f"config says architectures {architectures}, {config.num_labels} outputs")
+    load_tokenizer(name, trust_remote_code)
+
+
+def load_reward_model(name, args, device, num_labels=None):
+    """AutoModelForSequenceClassification from a hub id or directory (num_labels=1 puts a new one-output head on
+    a causal LM), dropout off, padding id set so the model finds each row's last token. Returns it and its
+    tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+    tokenizer = load_tokenizer(name, args.trust_remote_code)
+    extra = {} if num_labels is None else {"num_labels": num_labels}
+    model = from_pretrained(AutoModelForSequenceClassification, name, "a reward model",
+                            dtype=torch_dtype(args.dtype, device), trust_remote_code=args.trust_remote_code, **extra)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return disable_dropout(model).to(device), tokenizer
+
+
+# ---------------------------------------------------------------- files written whole (dice.py's stages)
+def write_json(path, value):
+    """JSON (indent 1) into a temporary file, then renamed: a kill leaves the whole file or none."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def write_jsonl(path, rows):
+    """JSON Lines into a temporary file, then renamed: a kill leaves the whole file or none."""
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(path + ".tmp", path)

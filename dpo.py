@@ -1,5 +1,5 @@
 """DPO: Direct Preference Optimization: Your Language Model is Secretly a Reward Model.
-Rafailov, Sharma, Mitchell, Ermon, Manning, Finn. NeurIPS 2023. https://arxiv.org/abs/2305.18290
+Rafailov, Sharma, Mitchell, Ermon, Manning, Finn. NeurIPS 2023. https://arxiv.org/abs/2305.18290  Its page: docs/dpo.md
 
     h      = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]   (summed over tokens)
     L_DPO  = - E[ log sigmoid(beta * h) ]                                                  (Eq. 7)
@@ -9,7 +9,8 @@ Run:
     python dpo.py                                          # built-in toy task, CPU, a few minutes
     python dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset trl-lib/ultrafeedback_binarized --output_dir out
     python dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset trl-lib/ultrafeedback_binarized --output_dir out --resume
-    torchrun --nproc_per_node=8 dpo.py --model meta-llama/Llama-3.1-8B-Instruct --dataset trl-lib/ultrafeedback_binarized --output_dir out
+    torchrun --nproc_per_node=8 dpo.py --model meta-llama/Llama-3.1-8B-Instruct \
+        --dataset trl-lib/ultrafeedback_binarized --output_dir out
 Under torchrun each process takes --batch_size x --grad_accum pairs of every step (a step is that many times the
 number of processes); --ddp keeps a whole copy of the model on each GPU, --fsdp shards it (PyTorch's FSDP2; the
 default from 1B parameters). Only rank 0 prints and writes; a run resumes under the same number of processes.
@@ -29,24 +30,23 @@ Deviations from the paper and the reference code (eric-mitchell/direct-preferenc
 4. On CUDA the default dtype is bf16 for the weights and the optimizer state. With learning rates near
    1e-6 many bf16 updates round away; use --dtype float32 if memory allows.
 """
-import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from common import (AT_LEAST_1, RunArgs, claim_output_dir, check_resume, dpo_metrics, evaluate_pairs, finished,
-                    load_model, load_pair_data, load_policy, load_tokenizer, make_optimizer, on_rank_0, open_metrics,
-                    pair_logps, parallelize, parse_flags, reference_cache, restore, run_record, save_checkpoint,
-                    save_final, start_run, steps_of, sync_gradients, toy_after, toy_before, toy_task, training_bar,
-                    update, end_of_step, all_pair_logps)
+from common import (AT_LEAST_1, RunArgs, all_pair_logps, check_resume, claim_output_dir, dpo_metrics, end_of_step,
+                    evaluate_pairs, finished, flag, frozen, load_model, load_pair_data, load_policy, load_tokenizer,
+                    make_optimizer, on_rank_0, open_metrics, pair_logps, parse_flags, reference_cache, restore,
+                    run_record, save_checkpoint, save_final, start_run, steps_of, sync_gradients, toy_after, toy_before,
+                    toy_task, training_bar, update)
 
 
 @dataclass
 class Args(RunArgs):  # the flags every script has (common.RunArgs), then DPO's own
-    max_eval_pairs: int = field(default=512, metadata={"help": "at most this many held-out pairs are evaluated"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "cDPO label smoothing eps in [0, 0.5) (0 = plain DPO)"})
+    max_eval_pairs: int = flag(512, "at most this many held-out pairs are evaluated")
+    label_smoothing: float = flag(0.0, "cDPO label smoothing eps in [0, 0.5) (0 = plain DPO)")
 
 
 # The toy task needs a larger step size and smaller batches than a pretrained LLM; used when --model is not given.
@@ -93,10 +93,9 @@ def dpo_step(policy, train, indices, reference, args, pad_token_id, device):
 
 def references(args, run, policy, reference, train, held_out, record, pad_token_id):
     """The reference pi_ref: a frozen --ref_model (`reference`), or log-probs precomputed with the initial policy and
-    kept with the run (deviation 1). Returns reference(chunk, idx) for training pairs, and the held-out pairs' (N, 2)."""
+    kept with the run (deviation 1). Returns reference(chunk, idx) for training pairs, and the held-out ones' (N, 2)."""
     if reference is not None:
-        reference.eval().requires_grad_(False)
-        parallelize(reference, args, trainable=False)
+        frozen(reference, args)
         return (lambda chunk, idx: pair_logps(reference, chunk, pad_token_id, run.device)), \
             all_pair_logps(reference, held_out, args, pad_token_id, run.device)
     if run.checkpoint and not os.path.exists(os.path.join(args.output_dir, "reference_logps.pt")):
@@ -122,11 +121,13 @@ def main(argv=None):
         if args.resume:
             check_resume(args, record)
         policy, parallel = load_policy(run, run.checkpoint)
-        reference = load_model(args.ref_model, args.dtype, run.device, args.trust_remote_code) if args.ref_model else None
+        reference = None if args.ref_model is None else load_model(args.ref_model, args.dtype, run.device,
+                                                                   args.trust_remote_code)
         if not args.resume:  # only now: a run that fails on its inputs leaves nothing behind
             args.output_dir = on_rank_0(claim_output_dir, args, record, "dpo")
         if parallel:
-            print(f"{run.world} processes, {parallel.upper()}: {args.batch_size * args.grad_accum} pairs a process a step")
+            print(f"{run.world} processes, {parallel.upper()}: {args.batch_size * args.grad_accum} pairs a process "
+                  f"a step")
         reference_logps, held_out_ref = references(args, run, policy, reference, train, held_out, record, pad)
         optimizer, scheduler = make_optimizer(policy, args)
         start_step = restore(run.checkpoint, policy, optimizer, scheduler)[0] if run.checkpoint else 0
@@ -153,8 +154,8 @@ def main(argv=None):
             row.update(step=step + 1, epoch=round((step + 1) / steps_per_epoch, 3),
                        learning_rate=scheduler.get_last_lr()[0])
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
-            end_of_step(run, row, step, max_steps, bar, evaluate,
-                        save=lambda: save_checkpoint(args.output_dir, policy, tokenizer, optimizer, scheduler, step + 1),
+            save = lambda: save_checkpoint(args.output_dir, policy, tokenizer, optimizer, scheduler, step + 1)
+            end_of_step(run, row, step, max_steps, bar, evaluate, save,
                         toy_curve=toy and (lambda: toy.evaluate(policy, toy_reference, tokenizer, toy_prompts,
                                                                 seed=args.seed)))
         run.signals["stop_after_step"] = False

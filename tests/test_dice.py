@@ -224,7 +224,7 @@ def test_a_round_where_most_samples_are_cut_off_counts_them_and_warns():
     samples = [{"prompt_ids": prompt, "response_ids": responses[:5]},
                {"prompt_ids": prompt, "response_ids": responses[5:]}]
     metrics, lines = dice.length_drops(1, samples, eos, 4, max_length)
-    not_usable = sum(not dice.usable(prompt, r, eos, max_length) for r in responses)  # what round_data drops
+    not_usable = sum(not dice.usable(prompt, r, eos, max_length) for r in responses)  # what a round drops
     assert metrics["samples/dropped_for_length"] == 7 == not_usable and metrics["samples/total"] == 10
     assert metrics["samples/cut_at_max_new_tokens"] == 6 and metrics["samples/over_max_length"] == 1
     assert metrics["samples/dropped_for_length_fraction"] == pytest.approx(0.7)
@@ -243,7 +243,7 @@ def test_each_round_logs_and_prints_the_samples_dropped_for_length(setup):
     out = setup["out"]
     for t in (1, 2):
         samples = read(out / f"round_{t}" / "samples.jsonl")
-        flags = [ok for row in samples for ok in row["usable"]]  # the responses round_data dropped or kept
+        flags = [ok for row in samples for ok in row["usable"]]  # the responses the round dropped or kept
         dropped = flags.count(False)
         first = read(out / f"round_{t}" / "metrics.jsonl")[0]
         summary = json.load(open(out / f"round_{t}" / "summary.json"))

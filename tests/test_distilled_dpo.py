@@ -118,7 +118,7 @@ def test_pair_scores_read_each_row_at_its_last_token_whatever_the_padding():
     config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, num_labels=1, pad_token_id=1, eos_token_id=0, bos_token_id=None)
     model = LlamaForSequenceClassification(config).eval()
-    chosen, rejected = ddpo.pair_scores(model, PAIRS, 1, "cpu")
+    chosen, rejected = ddpo.pair_reward_scores(model, PAIRS, 1, "cpu")
     with torch.no_grad():  # one sequence at a time, no padding: the score at its last position
         alone = lambda p, r: model(torch.tensor([p + r])).logits[0, 0].item()
         assert chosen.tolist() == pytest.approx([alone(p, c) for p, c, _ in PAIRS], abs=1e-5)
@@ -132,9 +132,9 @@ def test_a_reward_model_learns_a_separable_toy_set(toy_dir, tmp_path):
              "rejected": f" {rng.choice(bad)} and {rng.choice(bad)} ."} for _ in range(96)]
     data = tmp_path / "separable.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ddpo.parse_distill_args(["--model", os.path.join(toy_dir, "sft"), "--dataset", str(data), "--batch_size", "8",
-                                    "--grad_accum", "1", "--rm_learning_rate", "1e-3", "--rm_epochs", "3",
-                                    "--warmup_steps", "2", "--objective", "distill"])
+    args = ddpo.parse_args(["--model", os.path.join(toy_dir, "sft"), "--dataset", str(data), "--batch_size", "8",
+                            "--grad_accum", "1", "--rm_learning_rate", "1e-3", "--rm_epochs", "3",
+                            "--warmup_steps", "2", "--objective", "distill"])
     entries = [(str(data), i, r) for i, r in enumerate(rows)]
     train, held_out = entries[:64], entries[64:]
     ddpo.train_reward_model(0, args, train, "cpu", str(tmp_path / "rm"))
@@ -168,7 +168,7 @@ def test_calibrated_margins_are_the_raw_ones_divided_by_the_fitted_temperature()
     columns = {"over": oriented * 5.0, "under": oriented * 0.2}
     rows = [("pairs.jsonl", i, {k: v[i].item() for k, v in columns.items()}) for i in range(500)]
     train_rows, held_out_rows = rows[:400], rows[400:]
-    args = ddpo.parse_distill_args(["--objective", "ensemble", "--margin_column", "over,under"])
+    args = ddpo.parse_args(["--objective", "ensemble", "--margin_column", "over,under"])
     assert args.calibration == "temperature"  # the default
     out = ddpo.compute_margins(args, [("column", "over"), ("column", "under")], train_rows, held_out_rows, "cpu")
     for k, name in enumerate(columns):
@@ -294,10 +294,10 @@ def test_a_margin_column_is_the_teacher_row_for_row(setup):
     flags = setup["flags"](out, "--objective", "distill", "--margin_column", "m", "--calibration", "none", "--max_steps", "1")
     flags[flags.index("--dataset") + 1] = str(data)
     ddpo.main(flags)
-    train, _, train_rows, _ = ddpo.load_data(ddpo.parse_distill_args(flags), ddpo.load_tokenizer(setup["sft"]))
+    train, _, train_rows, _ = ddpo.load_data(ddpo.parse_args(flags), ddpo.load_tokenizer(setup["sft"]))
     cache = torch.load(out / "margins.pt", weights_only=False)
     assert cache["train"][:, 0].tolist() == pytest.approx([row["m"] for _, _, row in train_rows])  # the split's order
-    args = ddpo.parse_distill_args(flags)
+    args = ddpo.parse_args(flags)
     args.calibration = "standardize"
     standardized = ddpo.compute_margins(args, [("column", "m")], train_rows, train_rows[:2], "cpu")
     assert standardized["train"][:, 0].std().item() == pytest.approx(1.0, rel=1e-5)

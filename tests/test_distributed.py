@@ -157,7 +157,7 @@ def test_distilled_two_processes_train_teachers_margins_samples_and_policy(toy_d
     assert [r["step"] for r in read_metrics(out)] == [0, 1, 2] and os.path.isdir(os.path.join(out, "checkpoint-2"))
     AutoModelForCausalLM.from_pretrained(out), AutoModelForCausalLM.from_pretrained(os.path.join(out, "checkpoint-2"))
 
-    args = distilled_dpo.parse_distill_args(flags(toy_dir, data, 2) + ["--objective", "ensemble"])
+    args = distilled_dpo.parse_args(flags(toy_dir, data, 2) + ["--objective", "ensemble"])
     tokenizer = distilled_dpo.load_tokenizer(args.model)
     _, _, train_rows, held_out_rows = distilled_dpo.load_data(args, tokenizer)
     margins = torch.load(os.path.join(out, "margins.pt"), weights_only=False)

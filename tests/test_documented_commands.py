@@ -27,9 +27,8 @@ What is run (documented_checks below):
      could mask a documented failure (--initial_gold, --gold_budget, --labels ...) is never appended.
    - NAME=value prefixes set in os.environ for the run.
    A toy command passes when main returns and the run's directory holds its final model.
-6. Real model (everything else), and --help: parsed only, by the parser main() itself calls (parse_args, or
-   dice.py's parse_dice_args, distilled_dpo.py's parse_distill_args), which exits on an unknown flag or a bad
-   value before anything is read; --help must exit 0. No model or dataset is loaded.
+6. Real model (everything else), and --help: parsed only, by the parser main() itself calls (parse_args), which
+   exits on an unknown flag or a bad value before anything is read; --help must exit 0. No model or dataset is loaded.
 7. Placeholders. `<the same flags>`: the flags of the nearest earlier command of the same script in the same file
    (after its own resolution), less its --output_dir and --resume; with none it is skipped, with that reason.
    `runs/<script>-<time>`: the toy command `python <script>.py` is run first in the same directory, and its run

@@ -65,7 +65,7 @@ def test_every_script_takes_the_shared_flags_with_the_same_names_types_and_meani
         assert fields[name].metadata.get("choices") == dpo_fields[name].metadata.get("choices"), name
 
 
-CONVERTED = ["dpo.py"]  # the scripts that take their run machinery from common.py (the rest still copy it)
+CONVERTED = SCRIPTS  # every script takes its run machinery from common.py
 
 
 @pytest.mark.parametrize("script", CONVERTED)
