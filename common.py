@@ -117,7 +117,7 @@ def sequence_logps(model, batch, chunk_size=None):
     position. All indices are built on the host: no boolean masks, no syncs here.
     The fused head is used when the model's logits are lm_head(final hidden), as `_head_is_plain` decides
     on the first batch (once per model); otherwise the model's own (B, T, V) logits."""
-    return through_wrapper(model, _sequence_logps, model, batch, chunk_size)  # under torchrun: inside DDP/FSDP2's forward
+    return through_wrapper(model, _sequence_logps, model, batch, chunk_size)  # under torchrun: in DDP/FSDP2's forward
 
 
 def _sequence_logps(model, batch, chunk_size):
@@ -149,7 +149,8 @@ def grouped_logps(model, groups, pad_token_id, device, chunk_size=None):
     blocks cost, a prompt with many long responses (DICE's 16 samples) would not, so those go one per row."""
     shared = getattr(model, "_prompt_shared", None)
     if shared is None:  # under torchrun, the same answer on every rank
-        shared = model._prompt_shared = agree(not _shared_layout_works(model, groups[:2], pad_token_id, device)) == [0.0]
+        works = _shared_layout_works(model, groups[:2], pad_token_id, device)
+        shared = model._prompt_shared = agree(not works) == [0.0]
     batch = (collate_shared(groups, pad_token_id) if shared else
              collate([(p, r) for p, responses in groups for r in responses], pad_token_id))
     return sequence_logps(model, {k: v.to(device) for k, v in batch.items()}, chunk_size)
@@ -171,7 +172,8 @@ def _shared_layout_works(model, groups, pad_token_id, device):
     one_row = sum(len(p) + sum(map(len, rs)) for p, rs in groups)
     logps = lambda batch: sequence_logps(model, {k: v.to(device) for k, v in batch.items()})[0].cpu()
     try:
-        shared, moved = logps(collate_shared(groups, pad_token_id, one_row)), logps(collate_shared(changed, pad_token_id, one_row))
+        shared = logps(collate_shared(groups, pad_token_id, one_row))
+        moved = logps(collate_shared(changed, pad_token_id, one_row))
         error = None
     except Exception as e:  # a model that rejects a 4D mask or position ids
         error = one_line(e)
@@ -219,14 +221,16 @@ def grouped_scores(model, groups, pad_token_id, device, alone=False):
 def _separate_scores(model, groups, pad_token_id, device):
     batch = collate([(p, r) for p, rs in groups for r in rs], pad_token_id)  # right-padded rows
     no_cache = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}  # decoders only
-    inputs = dict(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), **no_cache)
+    inputs = dict(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                  **no_cache)
     return through_wrapper(model, lambda: model(**inputs).logits[:, 0].float())  # (K,)
 
 
 def _shared_scores(model, groups, pad_token_id, device, row_tokens=None):
     batch = collate_shared(groups, pad_token_id, row_tokens)
     response, K = batch["response_of_token"], len(batch["n_tokens"])  # (N,): the tokens in row order
-    read = torch.zeros(K, dtype=torch.long).scatter_reduce(0, response, batch["score_index"], "amin", include_self=False)
+    read = torch.zeros(K, dtype=torch.long).scatter_reduce(0, response, batch["score_index"], "amin",
+                                                           include_self=False)
     real = batch["labels"] != pad_token_id  # (N,); a response of pad tokens only reads at its prompt's last position
     read = read.scatter_reduce(0, response[real], batch["token_index"][real], "amax")  # (K,) its last real token
     inputs = _model_inputs(model, {k: v.to(device) for k, v in batch.items()})
@@ -527,7 +531,8 @@ def load_rows(source, fields, split="train"):
     import datasets
     ext = os.path.splitext(source)[1].lower()
     if os.path.isfile(source) and ext not in (".json", ".jsonl", ".parquet"):
-        raise SystemExit(f"error: {source}: a {ext or 'file of unknown'} format is not read; a dataset is {DATA_FORMATS}")
+        raise SystemExit(f"error: {source}: a {ext or 'file of unknown'} format is not read; a dataset is "
+                         f"{DATA_FORMATS}")
     if not os.path.exists(source) and (ext in (".json", ".jsonl", ".parquet", ".csv", ".tsv", ".txt")
                                        or source.startswith((".", "/", "~"))):
         raise SystemExit(f"error: {source}: no such file; a dataset is {DATA_FORMATS}")
@@ -537,7 +542,8 @@ def load_rows(source, fields, split="train"):
     try:
         if os.path.isfile(source):
             data = datasets.load_dataset("parquet" if ext == ".parquet" else "json", data_files=source, split="train")
-        elif os.path.isdir(source) and any(os.path.exists(os.path.join(source, f)) for f in ("state.json", "dataset_dict.json")):
+        elif os.path.isdir(source) and any(os.path.exists(os.path.join(source, f))
+                                           for f in ("state.json", "dataset_dict.json")):
             data = datasets.load_from_disk(source)
             data = data[split] if isinstance(data, datasets.DatasetDict) else data
         else:  # a hub id, or a folder of data files
@@ -597,8 +603,8 @@ def check_rows(source, rows, fields):
     if rows and "prompt" in fields and rows[0].get("prompt") is None and {"chosen", "rejected"} <= set(rows[0]):
         rows = [split_implicit_prompt(source, i, row) for i, row in enumerate(rows)]
     for i, row in enumerate(rows):
-        for field in fields:
-            value = row.get(field)
+        for name in fields:
+            value = row.get(name)
             problem = None
             if value is None:
                 problem = f"missing (found: {', '.join(k for k, v in row.items() if v is not None) or 'nothing'})"
@@ -616,7 +622,7 @@ def check_rows(source, rows, fields):
                 chat = next(f for f in fields if isinstance(row.get(f), list))
                 problem = f"text, while field '{chat}' is chat messages: give all fields as text or all as chat"
             if problem:
-                raise SystemExit(f"error: {source}: {where(source, i)}: field '{field}': {problem}")
+                raise SystemExit(f"error: {source}: {where(source, i)}: field '{name}': {problem}")
     return rows
 
 
@@ -757,7 +763,8 @@ def _leave_process_group():
 def init_distributed(args):
     """(rank, world_size, device) of this process; under torchrun also the process group (NCCL on CUDA, gloo on
     CPU) and this rank's GPU. torchrun gives each rank one CPU thread unless OMP_NUM_THREADS is set (more threads
-    than cores leave OpenMP threads waiting on each other). Only rank 0 prints: the others' stdout and stderr go nowhere,
+    than cores leave OpenMP threads waiting on each other). Only rank 0 prints: the others' stdout and stderr go
+    nowhere,
     except a traceback, so a crash on any rank is seen."""
     import torch.distributed as dist
     if args.ddp and args.fsdp:
@@ -768,7 +775,8 @@ def init_distributed(args):
     if device == "cuda":
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device != "cpu" else "gloo", device_id=torch.device(device) if device != "cpu" else None)
+    dist.init_process_group("nccl" if device != "cpu" else "gloo",
+                            device_id=torch.device(device) if device != "cpu" else None)
     atexit.register(_leave_process_group)
     if dist.get_rank() > 0:
         sys.stdout = sys.stderr = open(os.devnull, "w")
@@ -925,7 +933,8 @@ def full_state(model, optimizer=None, weights=True):
     single process the model's own tensors. The model state is None for weights=False."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = None if not weights else get_model_state_dict(model, options=options) if _dist() else model.state_dict()
+    model_state = None if not weights else \
+        get_model_state_dict(model, options=options) if _dist() else model.state_dict()
     seen, tied = set(), set()  # a weight shared by two modules (tied embeddings) is saved once, as save_pretrained does
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
@@ -1032,7 +1041,8 @@ def dpo_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_logps, p
     return {"loss": losses.mean(), "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
             "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-            "logps/chosen": policy_chosen_logps.detach().mean(), "logps/rejected": policy_rejected_logps.detach().mean()}
+            "logps/chosen": policy_chosen_logps.detach().mean(),
+            "logps/rejected": policy_rejected_logps.detach().mean()}
 
 
 def evaluate_pairs(policy, pairs, reference_logps, args, pad_token_id, device, loss):
@@ -1091,37 +1101,39 @@ def flag(default, help, choices=None):
 class RunArgs:
     """The flags every script has; a script's Args adds its own after them, and may redefine one (its default, its
     help). Settings of the toy task are a script's TOY_DEFAULTS, used when --model is not given."""
-    model: str = field(default=None, metadata={"help": "policy to train: hub id or local directory (default: the built-in toy model)"})
-    ref_model: str = field(default=None, metadata={"help": "frozen reference model; default: reference log-probs precomputed with the initial policy"})
-    dataset: str = field(default=None, metadata={"help": "preference data (prompt/chosen/rejected): hub name, .jsonl/.json/.parquet, or a save_to_disk folder (default: toy)"})
-    dataset_split: str = field(default="train", metadata={"help": "split of a hub dataset to train on"})
-    eval_dataset: str = field(default=None, metadata={"help": "held-out preference data; default: hold out --eval_fraction of --dataset"})
-    eval_fraction: float = field(default=0.02, metadata={"help": "fraction of --dataset held out when no --eval_dataset is given"})
-    output_dir: str = field(default=None, metadata={"help": "where checkpoints and metrics go (default: runs/<script>-<time>)"})
-    max_steps: int = field(default=None, metadata={"help": "optimizer steps (default: --epochs over the data)"})
-    epochs: int = field(default=1, metadata={"help": "passes over the training data, when --max_steps is not given"})
-    batch_size: int = field(default=8, metadata={"help": "pairs per micro-batch (one forward pass of 2 x batch_size rows)"})
-    grad_accum: int = field(default=8, metadata={"help": "micro-batches per optimizer step"})
-    learning_rate: float = field(default=1e-6, metadata={"help": "peak learning rate (DPO paper: 1e-6)"})
-    warmup_steps: int = field(default=150, metadata={"help": "linear warm-up steps, then constant (DPO paper: 150)"})
-    optimizer: str = field(default="adamw", metadata={"help": "adamw or rmsprop (the DPO paper's)", "choices": ["adamw", "rmsprop"]})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=10.0, metadata={"help": "gradient clipping norm (DPO reference code: 10)"})
-    beta: float = field(default=0.1, metadata={"help": "KL strength beta (DPO paper: 0.1; 0.5 for TL;DR)"})
-    max_length: int = field(default=512, metadata={"help": "max tokens of prompt + response; the prompt's middle is cut first"})
-    max_prompt_length: int = field(default=None, metadata={"help": "a cut prompt keeps at least this many tokens (default max_length // 2)"})
-    seed: int = field(default=0, metadata={"help": "seed of the data order and of everything random"})
-    eval_every: int = field(default=100, metadata={"help": "evaluate on the held-out data every N steps"})
-    save_every: int = field(default=500, metadata={"help": "write a checkpoint every N steps"})
-    toy_eval_every: int = field(default=0, metadata={"help": "toy task only: every N steps also sample the test prompts and "
-                                                             "log gold reward, length and KL, a training curve (0: never)"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --output_dir from its newest checkpoint"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
-    dtype: str = field(default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU",
-                                                 "choices": ["auto", "float32", "bfloat16", "float16"]})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
-    ddp: bool = field(default=False, metadata={"help": "under torchrun: a full copy of the model a process (default below 1B parameters)"})
-    fsdp: bool = field(default=False, metadata={"help": "under torchrun: the model sharded over the processes with FSDP2 (default from 1B parameters)"})
+    model: str = flag(None, "policy to train: hub id or local directory (default: the built-in toy model)")
+    ref_model: str = flag(None, "frozen reference model; default: reference log-probs precomputed with the initial "
+                                "policy")
+    dataset: str = flag(None, "preference data (prompt/chosen/rejected): hub name, .jsonl/.json/.parquet, or a "
+                              "save_to_disk folder (default: toy)")
+    dataset_split: str = flag("train", "split of a hub dataset to train on")
+    eval_dataset: str = flag(None, "held-out preference data; default: hold out --eval_fraction of --dataset")
+    eval_fraction: float = flag(0.02, "fraction of --dataset held out when no --eval_dataset is given")
+    output_dir: str = flag(None, "where checkpoints and metrics go (default: runs/<script>-<time>)")
+    max_steps: int = flag(None, "optimizer steps (default: --epochs over the data)")
+    epochs: int = flag(1, "passes over the training data, when --max_steps is not given")
+    batch_size: int = flag(8, "pairs per micro-batch (one forward pass of 2 x batch_size rows)")
+    grad_accum: int = flag(8, "micro-batches per optimizer step")
+    learning_rate: float = flag(1e-6, "peak learning rate (DPO paper: 1e-6)")
+    warmup_steps: int = flag(150, "linear warm-up steps, then constant (DPO paper: 150)")
+    optimizer: str = flag("adamw", "adamw or rmsprop (the DPO paper's)", ["adamw", "rmsprop"])
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    max_grad_norm: float = flag(10.0, "gradient clipping norm (DPO reference code: 10)")
+    beta: float = flag(0.1, "KL strength beta (DPO paper: 0.1; 0.5 for TL;DR)")
+    max_length: int = flag(512, "max tokens of prompt + response; the prompt's middle is cut first")
+    max_prompt_length: int = flag(None, "a cut prompt keeps at least this many tokens (default max_length // 2)")
+    seed: int = flag(0, "seed of the data order and of everything random")
+    eval_every: int = flag(100, "evaluate on the held-out data every N steps")
+    save_every: int = flag(500, "write a checkpoint every N steps")
+    toy_eval_every: int = flag(0, "toy task only: every N steps also sample the test prompts and log gold reward, "
+                                  "length and KL, a training curve (0: never)")
+    resume: bool = flag(False, "continue the run in --output_dir from its newest checkpoint")
+    gradient_checkpointing: bool = flag(False, "recompute activations in backward to save memory")
+    dtype: str = flag("auto", "auto: bf16 on CUDA, fp32 on CPU", ["auto", "float32", "bfloat16", "float16"])
+    trust_remote_code: bool = flag(False, "allow model code from the hub")
+    ddp: bool = flag(False, "under torchrun: a full copy of the model a process (default below 1B parameters)")
+    fsdp: bool = flag(False, "under torchrun: the model sharded over the processes with FSDP2 (default from 1B "
+                             "parameters)")
 
 
 POSITIVE, AT_LEAST_1 = (lambda v: 0 < v < math.inf, "a positive number"), (lambda v: v >= 1, "at least 1")
@@ -1169,7 +1181,8 @@ def check_output_dir(args):
     directory = args.output_dir
     if directory and os.path.exists(directory) and not os.path.isdir(directory):
         sys.exit(f"error: --output_dir {directory} is a file")
-    parent = directory if directory and os.path.isdir(directory) else os.path.dirname(os.path.abspath(directory or "runs"))
+    parent = directory if directory and os.path.isdir(directory) else \
+        os.path.dirname(os.path.abspath(directory or "runs"))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
@@ -1364,7 +1377,8 @@ def resume_command(run):
     if not args.output_dir or not os.path.exists(os.path.join(args.output_dir, "args.json")):
         return None
     command = [sys.argv[0], *sys.argv[1:]] if argv is None else [run.script, *argv]
-    command += [] if any(a.startswith(("--output_dir", "--output-dir")) for a in command) else ["--output_dir", args.output_dir]
+    named = any(a.startswith(("--output_dir", "--output-dir")) for a in command)
+    command += [] if named else ["--output_dir", args.output_dir]
     launcher = ["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"] if world_size() > 1 else ["python"]
     return "Continue with: " + shlex.join(launcher + command + ([] if "--resume" in command else ["--resume"]))
 
@@ -1482,7 +1496,7 @@ def end_of_step(run, row, step, max_steps, bar, evaluate, save, toy_curve=None, 
     """After step `step` (0-based): evaluate (a function returning eval_ metrics, or None for none) every
     --eval_every steps and at the end, and print describe(row); log the toy's curve (toy_curve(): its figures) every
     --toy_eval_every steps; write the row; save a checkpoint (save()) every --save_every steps, at the end, or when
-    a signal asked the run to stop, and stop then, naming the newest checkpoint in `directory` (default --output_dir)."""
+    a signal asked the run to stop, and stop then, naming the newest checkpoint in `directory` (--output_dir)."""
     args = run.args
     if evaluate and ((step + 1) % args.eval_every == 0 or step + 1 == max_steps):
         row.update(evaluate())

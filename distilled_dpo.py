@@ -497,12 +497,12 @@ def reference_samples(model, tokenizer, prompts, n, args, device):
 def references(args, run, policy, reference, train, held_out, record, pad_token_id):
     """The reference pi_ref: a frozen --ref_model (`reference`), or log-probs precomputed with the initial policy and
     kept with the run (deviation 5). Returns reference(chunk, idx) for training pairs, and the held-out ones' (N, 2)."""
-    if run.checkpoint and not os.path.exists(os.path.join(args.output_dir, "reference_logps.pt")):
-        sys.exit(f"error: {args.output_dir} has checkpoints but no reference_logps.pt; it cannot be resumed")
     if reference is not None:
         frozen(reference, args)
         return (lambda chunk, idx: pair_logps(reference, chunk, pad_token_id, run.device)), \
             all_pair_logps(reference, held_out, args, pad_token_id, run.device)
+    if run.checkpoint and not os.path.exists(os.path.join(args.output_dir, "reference_logps.pt")):
+        sys.exit(f"error: {args.output_dir} has checkpoints but no reference_logps.pt; it cannot be resumed")
     cache = reference_cache(args, policy, {"train": train, "eval": held_out}, record, pad_token_id, run.device)
     return (lambda chunk, idx: cache["train"][idx].to(run.device).unbind(-1)), cache["eval"]
 

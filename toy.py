@@ -340,7 +340,9 @@ def evaluate(policy, reference, tokenizer, prompts, max_new_tokens=64, seed=0):
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
     with one_thread(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        responses = sample_responses(policy, tokenizer, prompt_ids, max_new_tokens, batch_size=256)
+        responses = []  # a batch at a time, as sample_responses would, so that a bar shows the progress
+        for s in tqdm(range(0, len(prompts), 256), desc=f"toy: sampling {len(prompts)} test prompts", leave=False):
+            responses += sample_responses(policy, tokenizer, prompt_ids[s:s + 256], max_new_tokens, batch_size=256)
         kl = []
         for s in range(0, len(prompts), 256):
             batch = collate(list(zip(prompt_ids[s:s + 256], responses[s:s + 256])), tokenizer.pad_token_id)

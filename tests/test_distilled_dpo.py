@@ -284,6 +284,17 @@ def test_pessimistic_dpo_samples_once_and_its_kl_starts_at_zero(setup):
     assert not os.path.exists(out / "margins.pt")  # no teachers
 
 
+def test_a_run_with_a_frozen_reference_model_resumes(setup):
+    """With --ref_model there is no reference_logps.pt: a checkpoint alone must be enough to continue."""
+    out = setup["tmp"] / "frozen_reference"
+    flags = setup["flags"](out, "--objective", "dpo", "--ref_model", setup["sft"], "--max_steps", "3")
+    ddpo.main(flags)
+    assert (out / "checkpoint-3").exists() and not (out / "reference_logps.pt").exists()
+    ddpo.main(flags[:-2] + ["--max_steps", "6", "--resume"])
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "grad_norm" in r] == [1, 2, 3, 4, 5, 6]
+
+
 def test_a_margin_column_is_the_teacher_row_for_row(setup):
     rows = [json.loads(line) for line in open(setup["tmp"] / "pairs.jsonl")]
     for r in rows:

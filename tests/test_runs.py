@@ -8,7 +8,6 @@ flags, have main(argv) and claim_output_dir(args, record), and call common.crash
 loop writes checkpoints and metrics.jsonl in a subdirectory of --output_dir, that subdirectory in TRAINING_DIR."""
 import contextlib
 import importlib
-import inspect
 import json
 import os
 import shutil
@@ -171,13 +170,12 @@ def test_runs_started_together_never_share_a_directory(script, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(time, "strftime", lambda fmt: "runs/x-same-second")  # two runs in one second
     first, second = module.parse_args([]), module.parse_args([])
-    claim = module.claim_output_dir  # common.claim_output_dir(args, record, script), or a script's own copy
-    name = [script[:-3]] if len(inspect.signature(claim).parameters) == 3 else []
-    assert claim(first, {}, *name) == "runs/x-same-second"
-    assert claim(second, {}, *name) == "runs/x-same-second-1"
+    claim = module.claim_output_dir  # common.claim_output_dir(args, record, the script's name)
+    assert claim(first, {}, script[:-3]) == "runs/x-same-second"
+    assert claim(second, {}, script[:-3]) == "runs/x-same-second-1"
     explicit = module.parse_args(["--output_dir", "runs/x-same-second"])
     with pytest.raises(SystemExit, match="taken by another run"):
-        claim(explicit, {}, *name)
+        claim(explicit, {}, script[:-3])
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
