@@ -1079,6 +1079,20 @@ def reference_cache(args, policy, splits, record, pad_token_id, device, director
                            for name, items in splits.items()})
 
 
+def pair_references(args, run, policy, reference, train, held_out, record, pad_token_id):
+    """The reference pi_ref of pair training: a frozen --ref_model (`reference`, loaded by the script), or log-probs
+    precomputed with the initial policy and kept with the run (`reference_cache`). Returns reference(chunk, idx)
+    for training pairs, and the held-out pairs' (N, 2)."""
+    if reference is not None:
+        frozen(reference, args)
+        return (lambda chunk, idx: pair_logps(reference, chunk, pad_token_id, run.device)), \
+            all_pair_logps(reference, held_out, args, pad_token_id, run.device)
+    if run.checkpoint and not os.path.exists(os.path.join(args.output_dir, "reference_logps.pt")):
+        raise SystemExit(f"error: {args.output_dir} has checkpoints but no reference_logps.pt; it cannot be resumed")
+    cache = reference_cache(args, policy, {"train": train, "eval": held_out}, record, pad_token_id, run.device)
+    return (lambda chunk, idx: cache["train"][idx].to(run.device).unbind(-1)), cache["eval"]
+
+
 @contextlib.contextmanager
 def torch_threads(n):
     """torch on n CPU threads inside the block. The toy's model is too small to share an operation among threads:

@@ -82,7 +82,7 @@ from common import (AT_LEAST_1, OPTIONAL_AT_LEAST_1, POSITIVE, all_pair_logps, c
                     encode_response, end_of_step, finished, flag, from_pretrained, frozen, full_state, gather_shares,
                     grouped_scores, is_main, load_model, load_pairs, load_policy, load_reward_model, load_rows,
                     load_tokenizer, make_optimizer, mean_over_ranks, my_share, on_rank_0, open_metrics, pair_logps,
-                    parallelize, parse_flags, prompt_head_length, quiet_transformers, reference_cache, restore,
+                    pair_references, parallelize, parse_flags, prompt_head_length, quiet_transformers, restore,
                     run_record, RunArgs, sample_responses, save_checkpoint, save_final, sequence_logps, start_run,
                     steps_of, sync_gradients, this_rank, toy_after, toy_before, toy_task, training_bar, truncate,
                     update, where, world_size, write_json)
@@ -494,19 +494,6 @@ def reference_samples(model, tokenizer, prompts, n, args, device):
     return {"prompts": flat, "responses": responses, "logps": gather_shares(torch.cat(logps), len(flat))}
 
 
-def references(args, run, policy, reference, train, held_out, record, pad_token_id):
-    """The reference pi_ref: a frozen --ref_model (`reference`), or log-probs precomputed with the initial policy and
-    kept with the run (deviation 5). Returns reference(chunk, idx) for training pairs, and the held-out ones' (N, 2)."""
-    if reference is not None:
-        frozen(reference, args)
-        return (lambda chunk, idx: pair_logps(reference, chunk, pad_token_id, run.device)), \
-            all_pair_logps(reference, held_out, args, pad_token_id, run.device)
-    if run.checkpoint and not os.path.exists(os.path.join(args.output_dir, "reference_logps.pt")):
-        sys.exit(f"error: {args.output_dir} has checkpoints but no reference_logps.pt; it cannot be resumed")
-    cache = reference_cache(args, policy, {"train": train, "eval": held_out}, record, pad_token_id, run.device)
-    return (lambda chunk, idx: cache["train"][idx].to(run.device).unbind(-1)), cache["eval"]
-
-
 def kl_samples_of(args, run, model, tokenizer, train, record):
     """The reference's samples (deviation 3), drawn once and kept in reference_samples.pt, and each training
     prompt's samples: (samples, {prompt: [sample index]})."""
@@ -592,7 +579,8 @@ def main(argv=None):
             print(f"{run.world} processes, {parallel.upper()}: {args.batch_size * args.grad_accum} pairs a process "
                   f"a step")
         margins = teacher_margins(args, run, record, train_rows, held_out_rows)  # stages 1 and 2
-        reference_logps, held_out_ref = references(args, run, policy, reference, train, held_out, record, pad)  # 3
+        reference_logps, held_out_ref = pair_references(args, run, policy, reference, train, held_out, record,
+                                                        pad)  # stage 3: the reference
         kl_samples = kl_samples_of(args, run, reference or policy, tokenizer, train, record) if args.gamma > 0 else None
         optimizer, scheduler = make_optimizer(policy, args)
         start_step = restore(run.checkpoint, policy, optimizer, scheduler)[0] if run.checkpoint else 0

@@ -30,17 +30,16 @@ Deviations from the paper and the reference code (eric-mitchell/direct-preferenc
 4. On CUDA the default dtype is bf16 for the weights and the optimizer state. With learning rates near
    1e-6 many bf16 updates round away; use --dtype float32 if memory allows.
 """
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from common import (AT_LEAST_1, RunArgs, all_pair_logps, check_resume, claim_output_dir, dpo_metrics, end_of_step,
-                    evaluate_pairs, finished, flag, frozen, load_model, load_pair_data, load_policy, load_tokenizer,
-                    make_optimizer, on_rank_0, open_metrics, pair_logps, parse_flags, reference_cache, restore,
-                    run_record, save_checkpoint, save_final, start_run, steps_of, sync_gradients, toy_after, toy_before,
-                    toy_task, training_bar, update)
+from common import (AT_LEAST_1, check_resume, claim_output_dir, dpo_metrics, end_of_step, evaluate_pairs, finished,
+                    flag, load_model, load_pair_data, load_policy, load_tokenizer, make_optimizer, on_rank_0,
+                    open_metrics, pair_logps, pair_references, parse_flags, restore, run_record, RunArgs,
+                    save_checkpoint, save_final, start_run, steps_of, sync_gradients, toy_after, toy_before, toy_task,
+                    training_bar, update)
 
 
 @dataclass
@@ -91,19 +90,6 @@ def dpo_step(policy, train, indices, reference, args, pad_token_id, device):
     return sums
 
 
-def references(args, run, policy, reference, train, held_out, record, pad_token_id):
-    """The reference pi_ref: a frozen --ref_model (`reference`), or log-probs precomputed with the initial policy and
-    kept with the run (deviation 1). Returns reference(chunk, idx) for training pairs, and the held-out ones' (N, 2)."""
-    if reference is not None:
-        frozen(reference, args)
-        return (lambda chunk, idx: pair_logps(reference, chunk, pad_token_id, run.device)), \
-            all_pair_logps(reference, held_out, args, pad_token_id, run.device)
-    if run.checkpoint and not os.path.exists(os.path.join(args.output_dir, "reference_logps.pt")):
-        raise SystemExit(f"error: {args.output_dir} has checkpoints but no reference_logps.pt; it cannot be resumed")
-    cache = reference_cache(args, policy, {"train": train, "eval": held_out}, record, pad_token_id, run.device)
-    return (lambda chunk, idx: cache["train"][idx].to(run.device).unbind(-1)), cache["eval"]
-
-
 # ---------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)  # every flag checked; nothing read or written yet
@@ -128,7 +114,7 @@ def main(argv=None):
         if parallel:
             print(f"{run.world} processes, {parallel.upper()}: {args.batch_size * args.grad_accum} pairs a process "
                   f"a step")
-        reference_logps, held_out_ref = references(args, run, policy, reference, train, held_out, record, pad)
+        reference_logps, held_out_ref = pair_references(args, run, policy, reference, train, held_out, record, pad)
         optimizer, scheduler = make_optimizer(policy, args)
         start_step = restore(run.checkpoint, policy, optimizer, scheduler)[0] if run.checkpoint else 0
         if finished(args.output_dir, start_step, max_steps):
