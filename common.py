@@ -1070,10 +1070,9 @@ def cached(path, record, compute):
     return cache
 
 
-def reference_cache(args, policy, splits, record, pad_token_id, device, directory=None, logps=None):
+def reference_cache(args, policy, splits, record, pad_token_id, device, directory=None, logps=all_pair_logps):
     """Reference log-probs of every item of each split (name -> pairs, or what `logps` scores) under the initial
     policy (pi = pi_ref at step 0), computed once and kept in the run's directory (`cached`)."""
-    logps = logps or all_pair_logps
     return cached(os.path.join(directory or args.output_dir, "reference_logps.pt"), record,
                   lambda: {name: logps(policy, items, args, pad_token_id, device, "reference log-probs")
                            for name, items in splits.items()})

@@ -328,7 +328,8 @@ class GoldLog:
 
 
 class InputEnded(Exception):
-    """The human labeller's stdin ended (`step`: the steps done, set by the loop)."""
+    """The human labeller's stdin ended (`step`: the steps done, set by the loop; None before step 1)."""
+    step = None
 
 
 def toy_gold(seed):
@@ -833,7 +834,7 @@ def main(argv=None):
                       max_steps, steps_per_epoch, toy and (toy, toy_dir), pretrain_pairs)
         except InputEnded as ended:  # the human labeller's stdin ended: keep the finished steps and every label
             run.signals["stop_after_step"] = False
-            step = getattr(ended, "step", start_step)  # the steps done (none when it ended before step 1)
+            step = start_step if ended.step is None else ended.step  # the steps done
             if step > start_step:
                 save(step)
             if is_main():
